@@ -1,0 +1,143 @@
+"""CLI subcommand handlers: parse-free glue from argparse namespaces to :mod:`modelpress.api`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ..core.errors import ModelpressError
+from .main import write_json
+
+console = Console(file=sys.stderr)
+
+
+def _eval_kwargs(args: argparse.Namespace, prefix: str = "") -> dict[str, Any]:
+    g = lambda k: getattr(args, prefix + k)  # noqa: E731
+    return {"seq_len": g("seq_len"), "max_tokens": g("max_tokens"), "stride": g("stride"), "join_lines": args.join_lines}
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .. import api
+    from ..eval.report import comparison, markdown
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise ModelpressError(f"output folder {out} exists; pass --overwrite to replace it")
+    recipe = api.as_recipe(args.recipe)  # validate before the slow load
+    if args.eval_data and not Path(args.eval_data).is_file():
+        raise ModelpressError(f"--eval-data file not found: {args.eval_data}")
+    t0 = time.perf_counter()
+    lm = api.load(args.model, trust_remote_code=args.trust_remote_code)
+    load_s = time.perf_counter() - t0
+    calib = api.calibration_for(lm, args.calib, args.calib_samples, args.calib_seq_len, args.calib_seed,
+                                args.calib_chat) if args.calib else None
+    base = api.evaluate(lm, args.eval_data, **_eval_kwargs(args, "eval_")) if args.eval_data else None
+    report = api.compress(lm, recipe, calib=calib, workdir=args.workdir or f"{out}.work")
+    report["load_s"] = load_s
+    t1 = time.perf_counter()
+    if args.eval_data:
+        comp = api.evaluate(lm, args.eval_data, **_eval_kwargs(args, "eval_"))
+        report["eval"] = comparison(base, comp)
+    path = api.save(lm, out, recipe=recipe, report=report, overwrite=args.overwrite)
+    report["save_s"] = time.perf_counter() - t1
+    (path / "report.md").write_text(markdown(report))
+    _print_layers(report["layers"])
+    for w in report["warnings"]:
+        console.print(f"[yellow]note:[/] {w}")
+    console.print(f"saved {path} (compress {report['compress_s']:.1f}s, peak RSS {report['peak_rss_bytes'] / 2**20:.0f} MiB)")
+    if report.get("eval", {}).get("delta_ppl_pct") is not None:
+        e = report["eval"]
+        console.print(f"perplexity {e['baseline']['perplexity']:.4f} -> {e['compressed']['perplexity']:.4f} ({e['delta_ppl_pct']:+.2f}%)")
+    return 0
+
+
+def _print_layers(layers: list[dict[str, Any]], limit: int = 400) -> None:
+    if not layers:
+        return
+    t = Table(title="per-layer result", show_lines=False)
+    for col in ("layer", "method", "bits/w", "rel. weight err", "rel. output err"):
+        t.add_column(col)
+    for r in layers[:limit]:
+        f = lambda v, n=4: "-" if v is None else f"{v:.{n}f}"  # noqa: E731
+        t.add_row(r["name"], r["method"], f(r.get("bits_per_weight"), 3), f(r.get("rel_error")), f(r.get("out_rel_error")))
+    console.print(t)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .. import api
+    from ..eval.report import comparison, delta_pct, markdown
+
+    if not Path(args.data).is_file():
+        raise ModelpressError(f"data file not found: {args.data}")
+    lm = api.load(args.model, trust_remote_code=args.trust_remote_code)
+    res = api.evaluate(lm, args.data, **_eval_kwargs(args))
+    if args.baseline:
+        base = api.evaluate(api.load(args.baseline, trust_remote_code=args.trust_remote_code), args.data, **_eval_kwargs(args))
+        res["baseline"] = base
+        res["delta_ppl_pct"] = delta_pct(res["perplexity"], base["perplexity"])
+    if args.json_out:
+        write_json(args.json_out, res)
+    if args.markdown:
+        rep = {"model": args.model, "eval": comparison(res.get("baseline"), res)}
+        Path(args.markdown).write_text(markdown(rep))
+    print(json.dumps({k: res[k] for k in ("perplexity", "tokens", "seq_len", "params", "size_bytes")} |
+                     ({"delta_ppl_pct": res["delta_ppl_pct"]} if "delta_ppl_pct" in res else {})))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .. import api
+    from ..models.archspec import role_of
+    from ..models.layers import named_linears
+    from ..quant.qlinear import QuantLinear
+
+    lm = api.load(args.model, trust_remote_code=args.trust_remote_code)
+    rows = []
+    for name, m in named_linears(lm.module):
+        fmt = m.fmt.to_dict() if isinstance(m, QuantLinear) else {"type": str(next(m.parameters()).dtype).replace("torch.", "")}
+        shape = [m.out_features, m.in_features] if hasattr(m, "out_features") else list(m.weight.shape)
+        rows.append({"name": name, "role": role_of(name, lm.module, lm.spec), "type": type(m).__name__,
+                     "shape": shape, "params": shape[0] * shape[1], "format": fmt})
+    from ..eval.size import count_params, memory_bytes
+
+    summary = {"model": lm.source, "kind": lm.kind, "arch": lm.spec.name if lm.spec else "generic",
+               "params": count_params(lm.module), "memory_bytes": memory_bytes(lm.module), "linears": len(rows)}
+    _print_inspect(summary, rows)
+    if args.json_out:
+        write_json(args.json_out, {"summary": summary, "layers": rows})
+    return 0
+
+
+def _print_inspect(summary: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    out = Console()
+    t = Table(title=f"{summary['model']} ({summary['arch']}, {summary['params']:,} params, {summary['memory_bytes'] / 2**20:.1f} MiB)")
+    for col in ("layer", "role", "type", "shape", "params", "format"):
+        t.add_column(col)
+    for r in rows:
+        fmt = ", ".join(f"{k}={v}" for k, v in r["format"].items())
+        t.add_row(r["name"], r["role"] or "-", r["type"], "x".join(map(str, r["shape"])), f"{r['params']:,}", fmt)
+    out.print(t)
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from ..pipeline.recipe import builtin_recipes, load_recipe
+
+    recipes = builtin_recipes()
+    if args.name:
+        if args.name not in recipes:
+            raise ModelpressError(f"no built-in recipe {args.name!r}; built-ins: {', '.join(recipes)}")
+        print(recipes[args.name].read_text(), end="")
+        return 0
+    t = Table(title="built-in recipes")
+    t.add_column("name")
+    t.add_column("description")
+    for name in recipes:
+        t.add_row(name, load_recipe(name).description)
+    Console().print(t)
+    return 0

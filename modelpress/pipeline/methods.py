@@ -1,0 +1,103 @@
+"""The method registry: one entry per compression method, a typed config plus a transform.
+
+A method module registers itself explicitly::
+
+    METHODS.register("rtn")(MethodEntry(RTNConfig, run_rtn))
+
+and a recipe stage ``{method: rtn, ...}`` is validated into ``RTNConfig`` and run by ``run_rtn``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..core.config import Config, Registry
+from ..core.errors import ModelpressError
+from ..core.selectors import select
+from ..models.archspec import role_of
+from ..models.layers import linear_weight, named_linears
+from ..models.loading import LoadedModel
+
+
+class MethodConfig(Config):
+    """Fields shared by every stage: which layers it touches.
+
+    ``targets`` / ``ignore`` take names, globs, ``re:`` regexes or ``role:<role>``.
+    """
+
+    method: str
+    targets: list[str] = ["re:.*"]
+    ignore: list[str] = ["lm_head"]
+
+
+@dataclass
+class LayerRecord:
+    """One row of the per-layer report."""
+
+    name: str
+    method: str
+    fmt: dict[str, Any] | None = None
+    shape: tuple[int, int] | None = None
+    bits_per_weight: float | None = None
+    rel_error: float | None = None  # ||W - Q||_F / ||W||_F
+    out_rel_error: float | None = None  # output reconstruction error on calibration data
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunContext:
+    """What a running stage may use: calibration tokens, progress bars, the report it fills."""
+
+    calib: torch.Tensor | None = None  # (n_samples, seq_len) token ids
+    progress: Callable[..., Any] | None = None
+    layers: list[LayerRecord] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    workdir: str | None = None  # where a resumable stage may keep checkpoints
+
+    def warn(self, msg: str) -> None:
+        if msg not in self.warnings:
+            self.warnings.append(msg)
+
+    def iterate(self, items: list, description: str):
+        """Iterate with a progress bar when one is configured."""
+        if self.progress is None:
+            return iter(items)
+        return self.progress(items, description)
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """A registered method: its config class and the transform that applies it."""
+
+    config: type[MethodConfig]
+    run: Callable[[LoadedModel, Any, RunContext], None]
+    needs_calibration: bool = False
+    summary: str = ""
+
+
+METHODS: Registry[MethodEntry] = Registry("method")
+
+
+def select_layers(lm: LoadedModel, cfg: MethodConfig) -> list[tuple[str, torch.nn.Module]]:
+    """The linear-like layers of ``lm`` chosen by ``cfg.targets`` minus ``cfg.ignore``."""
+    role_fn = lambda n: role_of(n, lm.module, lm.spec)  # noqa: E731
+    layers = select(named_linears(lm.module), cfg.targets, cfg.ignore, role_fn)
+    if not layers:
+        raise ModelpressError(f"stage {cfg.method!r}: targets {cfg.targets} minus ignore {cfg.ignore} leave no layer")
+    return layers
+
+
+def check_finite(name: str, w: torch.Tensor) -> None:
+    """A NaN/Inf weight would poison every scale: refuse it and name the tensor."""
+    if not torch.isfinite(w).all():
+        bad = int((~torch.isfinite(w)).sum())
+        raise ModelpressError(f"weight {name}.weight has {bad} NaN/Inf values; refusing to compress it")
+
+
+def layer_weight(name: str, module: torch.nn.Module) -> torch.Tensor:
+    """(out, in) float32 copy of a layer's weight, checked finite."""
+    w = linear_weight(module).detach().to(torch.float32)
+    check_finite(name, w)
+    return w

@@ -1,0 +1,81 @@
+"""Recipes: an ordered list of typed stages, read from YAML (or built in Python).
+
+Example YAML::
+
+    name: rtn-w4-g64
+    description: 4-bit symmetric RTN, groups of 64
+    stages:
+      - method: rtn
+        ignore: [lm_head]
+        format: {type: int, bits: 4, granularity: 64}
+
+Validation errors name the YAML path of the bad field and what was expected.
+"""
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BeforeValidator, SerializeAsAny, ValidationError
+
+from ..core.config import Config, format_validation_error, tagged
+from ..core.errors import ModelpressError
+from .methods import METHODS, MethodConfig
+
+StageField = Annotated[SerializeAsAny[MethodConfig], BeforeValidator(tagged(METHODS, "method", lambda e: e.config))]
+
+
+class Recipe(Config):
+    """An ordered list of compression stages."""
+
+    name: str = "custom"
+    description: str = ""
+    stages: list[StageField]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def register_builtin_methods() -> None:
+    """Import every method module so it registers itself (explicit list, no package scanning)."""
+    from .. import methods_index  # noqa: F401
+
+
+def parse_recipe(data: Any, origin: str = "<recipe>") -> Recipe:
+    """Validate a recipe dict; errors read ``origin: stages[0].format.bits: ...``."""
+    register_builtin_methods()
+    if not isinstance(data, dict):
+        raise ModelpressError(f"{origin}: a recipe must be a mapping with a 'stages' list")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise ModelpressError(f"{origin}: {format_validation_error(e)}") from None
+
+
+def builtin_dir() -> Path:
+    return Path(str(resources.files("modelpress.pipeline") / "builtin"))
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """Built-in recipe name -> file."""
+    return {p.stem: p for p in sorted(builtin_dir().glob("*.yaml"))}
+
+
+def load_recipe(spec: str | Path | Recipe | dict) -> Recipe:
+    """A recipe from a built-in name, a YAML path, a dict or a Recipe."""
+    if isinstance(spec, Recipe):
+        return spec
+    if isinstance(spec, dict):
+        return parse_recipe(spec)
+    s = str(spec)
+    builtins = builtin_recipes()
+    path = builtins.get(s) or Path(s)
+    if not path.is_file():
+        raise ModelpressError(f"recipe {s!r} is neither a file nor a built-in; built-ins: {', '.join(builtins)}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ModelpressError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    return parse_recipe(data, str(path) if s not in builtins else s)

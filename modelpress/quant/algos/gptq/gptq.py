@@ -1,0 +1,215 @@
+"""GPTQ (Frantar et al., 2022, arXiv:2210.17323): pure maths, tensors in, ``QTensor`` out.
+
+Columns of ``W`` are quantised one at a time; the rounding error of column ``q`` is spread over the
+not yet quantised columns ``F`` with the OBS update ``w_F -= (w_q - q) / [H_F^-1]_qq * [H_F^-1]_{:,q}``.
+Every ``[H_F^-1]`` needed is a row of one upper Cholesky factor ``Hinv`` of ``H^-1``, and updates
+are applied lazily, ``blocksize`` columns at a time. Names follow IST-DASLab/gptq's ``gptq.py``.
+
+The format is only used through its contract (``fit`` / ``encode`` / ``decode`` /
+``roundtrip_params`` / ``store_params``), so every registered format works.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ....core.errors import ModelpressError
+from ...formats.base import Params, QTensor, WeightFormat
+from ...granularity import PerGroup
+
+#: How many times the dampening is raised tenfold before giving up on a non-PD Hessian.
+MAX_DAMP_RETRIES = 4
+
+
+@dataclass
+class GPTQResult:
+    """What :func:`gptq_quantize` returns.
+
+    ``Q`` (out, in) float32 equals ``qtensor.dequantize()`` exactly. ``loss`` is the OBS objective
+    summed over the weight, ``sum (w - q)^2 / [H_F^-1]_qq / 2``, as the reference code reports it;
+    it equals ``tr((W - Q) (H + damp I) (W - Q)^T) / 2``. ``damp_used`` is the relative dampening
+    (fraction of ``mean(diag(H))``) that made ``H`` positive definite.
+    """
+
+    qtensor: QTensor
+    Q: torch.Tensor
+    loss: float
+    damp_used: float
+    dead_columns: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    fmt: WeightFormat,
+    *,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = True,
+) -> GPTQResult:
+    """Quantise ``W`` (out, in) to ``fmt`` minimising ``||(W - Q) X^T||^2`` for ``H = 2 X^T X / n``.
+
+    Args:
+        W: weight (out, in); computed in float64 if given float64, else float32.
+        H: Hessian (in, in) on W's device, e.g. ``HessianAccumulator.H``.
+        fmt: any weight format. Per-channel / per-tensor parameters are fitted once on ``W``;
+            ``PerGroup`` parameters are fitted when the column loop reaches a group, on the
+            weights updated so far (the result does not depend on ``blocksize``).
+        blocksize: columns per lazy batch update.
+        percdamp: ``percdamp * mean(diag(H))`` is added to the diagonal; raised tenfold (up to
+            ``MAX_DAMP_RETRIES`` times) while ``H`` is not positive definite, with a warning.
+        act_order: process columns by descending ``diag(H)``.
+        static_groups: with ``act_order`` and ``PerGroup``, fit every group's parameters up front
+            on the original ``W`` so that the stored layout stays the ordinary one (no g_idx);
+            ``False`` is refused there. Without ``act_order`` it has no effect.
+
+    Returns:
+        :class:`GPTQResult`; ``result.qtensor`` is in the original column order.
+
+    Example:
+        >>> from modelpress.quant.formats.integer import IntFormat
+        >>> fmt = IntFormat(bits=4, granularity=PerGroup(size=64))
+        >>> X = torch.randn(512, 256)                     # (tokens, in)
+        >>> res = gptq_quantize(torch.randn(128, 256), 2 * X.T @ X / 512, fmt)
+        >>> torch.equal(res.qtensor.dequantize(), res.Q)
+        True
+    """
+    _check_inputs(W, H, blocksize, percdamp)
+    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    W = W.detach().to(dtype).clone()  # (rows, columns)
+    H = H.detach().to(dtype).clone()  # (columns, columns)
+    rows, columns = W.shape
+    warnings: list[str] = []
+
+    # A column no calibration input ever reached carries no information: zero it, keep H invertible.
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    if dead.any():
+        warnings.append(f"{int(dead.sum())} dead input columns (diag(H) == 0) were set to zero")
+
+    groupsize = fmt.granularity.size if isinstance(fmt.granularity, PerGroup) else columns
+    dynamic = isinstance(fmt.granularity, PerGroup) and not act_order
+    if act_order and isinstance(fmt.granularity, PerGroup) and not static_groups:
+        raise ModelpressError("gptq: act_order with per-group parameters needs static_groups=True")
+    # (rows | 1, n_groups, 1): fitted up front unless groups are fitted as the loop reaches them
+    params = None if dynamic else fmt.roundtrip_params(fmt.fit(fmt.grouped(W)))
+
+    perm = torch.arange(columns, device=W.device)
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    group_of = (perm // groupsize).tolist()  # original group of each processed column
+
+    Hinv, damp_used = _inverse_cholesky(H, percdamp, warnings)
+    del H
+
+    Q = torch.zeros(rows, columns, dtype=torch.float32, device=W.device)
+    codes = torch.zeros(rows, columns, dtype=torch.uint8, device=W.device)
+    Losses = torch.zeros_like(W)
+    fitted: list[Params] = []  # dynamic groups, in column order
+
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        count = i2 - i1
+
+        W1 = W[:, i1:i2].clone()  # (rows, count)
+        Err1 = torch.zeros_like(W1)
+        Losses1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]  # (count, count)
+
+        for i in range(count):
+            w = W1[:, i]  # (rows,)
+            d = Hinv1[i, i]
+
+            if dynamic and (i1 + i) % groupsize == 0:
+                Wg = _current_columns(W, W1, Err1, Hinv, i1, i, min(i1 + i + groupsize, columns))
+                Wg = F.pad(Wg, (0, groupsize - Wg.shape[1]))  # (rows, G), zero padded as fmt.grouped does
+                fitted.append(fmt.roundtrip_params(fmt.fit(Wg.unsqueeze(1))))
+            p = fitted[-1] if dynamic else _group_params(params, group_of[i1 + i])
+
+            c, q = _quantize_column(fmt, w, p)
+            codes[:, i1 + i] = c
+            Q[:, i1 + i] = q
+            q = q.to(dtype)
+            Losses1[:, i] = (w - q) ** 2 / d**2
+
+            err1 = (w - q) / d  # (rows,)
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+
+        Losses[:, i1:i2] = Losses1 / 2
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])  # the lazy batch update
+
+    if dynamic:
+        params = {k: torch.cat([p[k] for p in fitted], dim=1) for k in fitted[0]}  # (rows, n_groups, 1)
+    invperm = torch.argsort(perm)
+    qtensor = QTensor(fmt, (rows, columns), codes[:, invperm].contiguous(), fmt.store_params(params))
+    return GPTQResult(qtensor, Q[:, invperm].contiguous(), float(Losses.sum()), damp_used,
+                      int(dead.sum()), warnings)
+
+
+def _check_inputs(W: torch.Tensor, H: torch.Tensor, blocksize: int, percdamp: float) -> None:
+    if W.dim() != 2 or W.numel() == 0:
+        raise ModelpressError(f"gptq expects a non-empty 2-D weight, got shape {tuple(W.shape)}")
+    if H.shape != (W.shape[1], W.shape[1]):
+        raise ModelpressError(f"gptq: Hessian shape {tuple(H.shape)} does not match weight {tuple(W.shape)}")
+    if H.device != W.device:
+        raise ModelpressError(f"gptq: weight on {W.device} but Hessian on {H.device}")
+    if not torch.isfinite(H).all():
+        raise ModelpressError("gptq: the Hessian contains NaN or inf")
+    if blocksize < 1 or percdamp < 0:
+        raise ModelpressError(f"gptq: need blocksize >= 1 and percdamp >= 0, got {blocksize}, {percdamp}")
+
+
+def _inverse_cholesky(H: torch.Tensor, percdamp: float, warnings: list[str]) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + damp I)^-1``; dampening grows tenfold while H is not PD."""
+    diag = torch.arange(H.shape[0], device=H.device)
+    mean_diag = torch.mean(torch.diag(H))
+    tried = []
+    for _ in range(MAX_DAMP_RETRIES + 1):
+        Hd = H.clone()
+        Hd[diag, diag] += percdamp * mean_diag
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info == 0:
+            Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0 and torch.isfinite(Hinv).all():
+                if tried:
+                    warnings.append(f"Hessian not positive definite with percdamp={tried[0]:g}; "
+                                    f"used percdamp={percdamp:g}")
+                return Hinv, percdamp
+        tried.append(percdamp)
+        percdamp = 10 * percdamp if percdamp > 0 else 0.01
+    raise ModelpressError(f"gptq: Hessian not positive definite even with percdamp={tried[-1]:g}")
+
+
+def _current_columns(W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, Hinv: torch.Tensor,
+                     i1: int, i: int, j2: int) -> torch.Tensor:
+    """Columns ``i1 + i .. j2`` of W with every update so far applied, (rows, j2 - i1 - i).
+
+    Columns past the current block have not yet received this block's lazy update; apply the part
+    owed by its first ``i`` columns so a group straddling blocks is fitted on the same weights
+    whatever the blocksize.
+    """
+    i2 = i1 + W1.shape[1]
+    inside = W1[:, i : min(j2, i2) - i1]
+    if j2 <= i2:
+        return inside
+    outside = W[:, i2:j2] - Err1[:, :i].matmul(Hinv[i1 : i1 + i, i2:j2])
+    return torch.cat([inside, outside], dim=1)
+
+
+def _group_params(params: Params, g: int) -> Params:
+    """Parameters of group ``g``, each (rows | 1, 1, 1)."""
+    return {k: v.narrow(1, g, 1) if v.shape[1] > 1 else v for k, v in params.items()}
+
+
+def _quantize_column(fmt: WeightFormat, w: torch.Tensor, p: Params) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (rows,) uint8 and dequantised values (rows,) float32 of one column."""
+    c = fmt.encode(w.view(-1, 1, 1), p)  # (rows, 1, 1)
+    return c.view(-1), fmt.decode(c, p).view(-1).to(torch.float32)

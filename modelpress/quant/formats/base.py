@@ -1,0 +1,162 @@
+"""The contract every weight format implements, and the packed container ``QTensor``.
+
+A format is a frozen config with three elementwise operations on a *grouped* view of a weight
+(rows, n_groups, G):
+
+* ``fit(w)``      -> parameters broadcastable to (rows, n_groups, 1) (scale, zero, ...)
+* ``encode(w, p)``-> uint8 codes in [0, 2**code_bits), same shape as ``w``
+* ``decode(c, p)``-> float values
+
+Algorithms (RTN, GPTQ, AWQ ...) only ever use these three plus ``store_params`` /
+``load_params`` (which round the parameters to what is really stored, e.g. fp16 scales or
+double-quantised NF4 absmax), so a new format works with every algorithm.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ...core.config import Config, Registry
+from ...core.errors import ModelpressError
+from ..granularity import Granularity, PerChannel, PerGroup, PerTensor, group_layout
+from ..packing import pack_codes, unpack_codes
+
+Params = dict[str, torch.Tensor]
+
+#: ``type`` tag -> format class. Each format module registers itself.
+FORMATS: Registry[type["WeightFormat"]] = Registry("format")
+
+
+class WeightFormat(Config, ABC):
+    """Base class of weight formats (see module docstring for the contract)."""
+
+    #: Bits of one packed code (4 for int4/NF4/FP4, 8 for int8/FP8 ...).
+    code_bits: ClassVar[int]
+
+    granularity: Granularity = PerChannel()
+
+    # ---- the three elementwise operations -------------------------------------------------
+    @abstractmethod
+    def fit(self, w: torch.Tensor) -> Params:
+        """Parameters for ``w`` of shape (rows, n_groups, G), each broadcastable to (rows, n_groups, 1)."""
+
+    @abstractmethod
+    def encode(self, w: torch.Tensor, params: Params) -> torch.Tensor:
+        """uint8 codes of ``w`` under ``params`` (round to nearest representable value)."""
+
+    @abstractmethod
+    def decode(self, codes: torch.Tensor, params: Params) -> torch.Tensor:
+        """Float32 values of ``codes`` under ``params``."""
+
+    # ---- parameter storage -----------------------------------------------------------------
+    def store_params(self, params: Params) -> Params:
+        """Parameters as stored on disk, shape (rows, n_groups) (default: scale as fp16)."""
+        out = {}
+        for k, v in params.items():
+            v = v.squeeze(-1)
+            out[k] = v.to(torch.float16) if k == "scale" else v
+        return out
+
+    def load_params(self, stored: Params) -> Params:
+        """Inverse of ``store_params`` back to float32 compute parameters, shape (rows, n_groups, 1)."""
+        return {k: v.to(torch.float32).unsqueeze(-1) if v.is_floating_point() else v.unsqueeze(-1)
+                for k, v in stored.items()}
+
+    def roundtrip_params(self, params: Params) -> Params:
+        """Parameters rounded to their stored precision, so encoding uses exactly what is saved."""
+        return self.load_params(self.store_params(params))
+
+    # ---- whole-tensor helpers built on the contract ------------------------------------------
+    def group_size(self, in_features: int) -> int:
+        """Columns per group for a weight with ``in_features`` inputs (per-tensor handled apart)."""
+        return self.granularity.size if isinstance(self.granularity, PerGroup) else in_features
+
+    def grouped(self, w: torch.Tensor) -> torch.Tensor:
+        """View (out, in) as (rows, n_groups, G); a short last group is zero padded.
+
+        Zero padding never changes a symmetric absmax, and asymmetric grids always contain zero.
+        """
+        out_f, in_f = w.shape
+        if isinstance(self.granularity, PerTensor):
+            return w.reshape(1, 1, out_f * in_f)
+        g = self.group_size(in_f)
+        n, _ = group_layout(in_f, g)
+        if n * g != in_f:
+            w = torch.nn.functional.pad(w, (0, n * g - in_f))
+        return w.reshape(out_f, n, g)
+
+    def quantize(self, w: torch.Tensor, params: Params | None = None) -> "QTensor":
+        """Round-to-nearest quantisation of a 2-D weight (out, in)."""
+        if w.dim() != 2:
+            raise ModelpressError(f"{self.type} expects a 2-D weight, got shape {tuple(w.shape)}")
+        wf = w.detach().to(torch.float32)
+        wg = self.grouped(wf)
+        p = self.roundtrip_params(params if params is not None else self.fit(wg))
+        codes = self.encode(wg, p)
+        codes = codes.reshape(codes.shape[0], -1) if not isinstance(self.granularity, PerTensor) \
+            else codes.reshape(w.shape[0], -1)
+        codes = codes[:, : w.shape[1]].contiguous()
+        return QTensor(self, tuple(w.shape), codes, self.store_params(p))
+
+    def fake_quantize(self, w: torch.Tensor) -> torch.Tensor:
+        """Quantise then dequantise (same dtype as ``w``)."""
+        return self.quantize(w).dequantize().to(w.dtype)
+
+    @property
+    def type_tag(self) -> str:
+        return self.type  # type: ignore[attr-defined]
+
+
+@dataclass
+class QTensor:
+    """A quantised 2-D weight: unpacked uint8 codes plus stored parameters.
+
+    ``to_tensors`` gives what is saved (packed codes + parameters); ``from_tensors`` reads it back.
+    """
+
+    fmt: WeightFormat
+    shape: tuple[int, int]
+    codes: torch.Tensor  # (out, in) uint8
+    params: Params = field(default_factory=dict)  # stored precision, (rows, n_groups)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Float weight of shape ``shape``."""
+        out_f, in_f = self.shape
+        p = self.fmt.load_params(self.params)
+        if isinstance(self.fmt.granularity, PerTensor):
+            vals = self.fmt.decode(self.codes.reshape(1, 1, -1), p)
+            return vals.reshape(out_f, in_f).to(dtype)
+        g = self.fmt.group_size(in_f)
+        n, _ = group_layout(in_f, g)
+        c = self.codes
+        if n * g != in_f:
+            c = torch.nn.functional.pad(c, (0, n * g - in_f))
+        vals = self.fmt.decode(c.reshape(out_f, n, g), p).reshape(out_f, n * g)
+        return vals[:, :in_f].to(dtype)
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors to save: ``qweight`` (packed codes) and the stored parameters."""
+        return {"qweight": pack_codes(self.codes, self.fmt.code_bits), **self.params}
+
+    @classmethod
+    def from_tensors(cls, fmt: WeightFormat, shape: tuple[int, int], tensors: dict[str, torch.Tensor]) -> "QTensor":
+        codes = unpack_codes(tensors["qweight"], fmt.code_bits, shape[1])
+        params = {k: v for k, v in tensors.items() if k != "qweight"}
+        return cls(fmt, tuple(shape), codes, params)
+
+    def nbytes(self) -> int:
+        """Bytes really stored (packed codes + every parameter tensor)."""
+        return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
+
+    def bits_per_weight(self) -> float:
+        """True bits per weight including scales and zero points."""
+        return 8.0 * self.nbytes() / (self.shape[0] * self.shape[1])
+
+
+def format_from_dict(data: dict[str, Any]) -> WeightFormat:
+    """Build a registered format from ``{"type": ..., ...}``."""
+    cls = FORMATS.get(str(data.get("type")))
+    return cls.model_validate(data)

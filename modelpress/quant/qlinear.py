@@ -1,0 +1,61 @@
+"""``QuantLinear``: a drop-in Linear that stores packed codes and dequantises on the fly.
+
+Its state dict holds only what the format really stores (``qweight`` packed bytes, scales, zero
+points), so saving a quantised model writes packed weights, not fp32 copies.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .formats.base import QTensor, WeightFormat
+
+
+class QuantLinear(nn.Module):
+    """Linear layer with a quantised weight.
+
+    Example:
+        >>> from modelpress.quant.formats import IntFormat
+        >>> lin = nn.Linear(64, 32)
+        >>> q = QuantLinear.from_linear_weight(IntFormat(bits=4).quantize(lin.weight), lin.bias)
+        >>> q(torch.randn(2, 64)).shape
+        torch.Size([2, 32])
+    """
+
+    is_compressed_linear = True
+
+    def __init__(self, fmt: WeightFormat, shape: tuple[int, int], tensors: dict[str, torch.Tensor],
+                 bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.fmt = fmt
+        self.out_features, self.in_features = int(shape[0]), int(shape[1])
+        self._tensor_names = tuple(tensors)
+        for k, v in tensors.items():
+            self.register_buffer(k, v.contiguous())
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_linear_weight(cls, qt: QTensor, bias: torch.Tensor | None) -> "QuantLinear":
+        """Build from a :class:`QTensor` of the (out, in) weight."""
+        return cls(qt.fmt, qt.shape, qt.to_tensors(), bias)
+
+    def qtensor(self) -> QTensor:
+        return QTensor.from_tensors(self.fmt, (self.out_features, self.in_features),
+                                    {k: getattr(self, k) for k in self._tensor_names})
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (out, in) weight the codes stand for."""
+        return self.qtensor().dequantize(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
+        w = self.dequantized_weight(x.dtype)  # reference kernel: dequantise then dense matmul
+        b = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, w, b)
+
+    def stored_bytes(self) -> int:
+        """Bytes of the packed weight and its parameters (bias excluded)."""
+        return sum(getattr(self, k).numel() * getattr(self, k).element_size() for k in self._tensor_names)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.to_dict()}"
