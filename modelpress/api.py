@@ -55,13 +55,36 @@ def apply(lm: LoadedModel, recipe: str | Path | Recipe | MethodConfig | dict, *,
     """Apply every stage of ``recipe`` to ``lm`` in place; returns the filled run context."""
     rec = as_recipe(recipe)
     ctx = RunContext(calib=calib, progress=track if progress else None, workdir=str(workdir) if workdir else None)
-    for stage in rec.stages:
-        entry = METHODS.get(stage.method)
+    for group in _stage_groups(rec):
+        entry = METHODS.get(group[0].method)
         if entry.needs_calibration and calib is None:
-            raise ModelpressError(f"method {stage.method!r} needs calibration data: pass --calib FILE")
+            raise ModelpressError(f"method {group[0].method!r} needs calibration data: pass --calib FILE")
         with torch.no_grad():
-            entry.run(lm, stage, ctx)
+            if entry.block_stage is None:
+                entry.run(lm, group[0], ctx)
+            else:
+                _run_calibrated(lm, rec, group, ctx)
     return ctx
+
+
+def _stage_groups(rec: Recipe) -> list[list[MethodConfig]]:
+    """Consecutive calibrated stages share one sequential pass (AWQ then GPTQ on each block)."""
+    groups: list[list[MethodConfig]] = []
+    for st in rec.stages:
+        block = METHODS.get(st.method).block_stage is not None
+        if block and groups and METHODS.get(groups[-1][0].method).block_stage is not None:
+            groups[-1].append(st)
+        else:
+            groups.append([st])
+    return groups
+
+
+def _run_calibrated(lm: LoadedModel, rec: Recipe, group: list[MethodConfig], ctx: RunContext) -> None:
+    from .pipeline.sequential import run_sequential
+
+    stages = [(METHODS.get(st.method).block_stage(lm, st), st.method) for st in group]
+    sig = {"source": lm.source, "recipe": rec.to_dict(), "stages": [st.to_dict() for st in group]}
+    run_sequential(lm, stages, ctx, signature=sig)
 
 
 def compress(lm: LoadedModel, recipe: Any, *, calib: torch.Tensor | None = None, progress: bool = True,

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from .errors import ModelpressError
 
 T = TypeVar("T")
+_NESTED_SEP = "\x1f"  # joins nested errors inside a ValueError message; never in user text
 
 
 class Config(BaseModel):
@@ -75,7 +76,7 @@ class Registry(Generic[T]):
         return name in self._items
 
 
-def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+def format_validation_error(err: ValidationError, prefix: str = "", sep: str = "; ") -> str:
     """Turn a pydantic error into one line: ``stages[0].format.bits: <what was expected>``."""
     parts = []
     for e in err.errors():
@@ -86,15 +87,15 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
         if msg.startswith("Value error, @"):
             # a nested error from ``tagged``: "sub.path: message" (possibly several, ';'-joined)
             inner = msg[len("Value error, @"):]
-            parts.extend(f"{path}.{item}" if path else item for item in inner.split("; "))
+            parts.extend(f"{path}.{item}" if path else item for item in inner.split(_NESTED_SEP))
             continue
         msg = msg.removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         got = e.get("input")
-        got_s = "" if e["type"] in ("missing", "extra_forbidden") else f" (got {got!r})"
+        got_s = "" if e["type"] in ("missing", "extra_forbidden") or "got" in msg else f" (got {got!r})"
         parts.append(f"{path or '<root>'}: {msg}{got_s}")
-    return "; ".join(parts)
+    return sep.join(parts)
 
 
 def tagged(registry: "Registry[Any]", key: str, to_cls: Callable[[Any], type] = lambda x: x) -> Callable[[Any], Any]:
@@ -118,6 +119,6 @@ def tagged(registry: "Registry[Any]", key: str, to_cls: Callable[[Any], type] = 
         try:
             return cls.model_validate(v)
         except ValidationError as e:
-            raise ValueError("@" + format_validation_error(e)) from None
+            raise ValueError("@" + format_validation_error(e, sep=_NESTED_SEP)) from None
 
     return validate

@@ -198,7 +198,8 @@ def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], manifest: dic
         for k in group[1:]:
             tensors[k] = tensors[src]
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if not k.endswith(("qweight",))]
+    packed = tuple(n + "." for n in manifest.get("layers", {}))  # installed already from their tensors
+    missing = [k for k in missing if not k.startswith(packed)]
     if unexpected:
         raise ModelpressError(f"weights file has tensors the model does not: {', '.join(unexpected[:5])}")
     if missing:

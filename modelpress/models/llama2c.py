@@ -8,7 +8,7 @@ Example:
     >>> model = llama2c_to_hf("stories260K.bin")                          # doctest: +SKIP
     >>> tok = Llama2cTokenizer(find_llama2c_tokenizer("stories260K.bin"))  # doctest: +SKIP
     >>> model(torch.tensor([tok.encode("Once upon a time")])).logits.shape  # doctest: +SKIP
-    torch.Size([1, 6, 512])
+    torch.Size([1, 5, 512])
 """
 from __future__ import annotations
 

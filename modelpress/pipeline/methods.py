@@ -72,8 +72,10 @@ class MethodEntry:
     """A registered method: its config class and the transform that applies it."""
 
     config: type[MethodConfig]
-    run: Callable[[LoadedModel, Any, RunContext], None]
+    run: Callable[[LoadedModel, Any, RunContext], None] | None  # whole-model transform
     needs_calibration: bool = False
+    #: for calibrated methods: builds the per-block stage run by the sequential engine
+    block_stage: Callable[[LoadedModel, Any], Any] | None = None
     summary: str = ""
 
 

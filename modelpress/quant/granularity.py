@@ -34,6 +34,12 @@ class PerGroup(Config):
     kind: Literal["group"] = "group"
     size: int = Field(gt=0)
 
+    def __init__(self, size: int | None = None, /, **data: Any) -> None:
+        """Allow ``PerGroup(128)`` as well as ``PerGroup(size=128)``."""
+        if size is not None:
+            data["size"] = size
+        super().__init__(**data)
+
 
 def _coerce(v: Any) -> Any:
     if isinstance(v, bool):

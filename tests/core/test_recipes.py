@@ -29,7 +29,7 @@ def test_round_trip_through_dict():
 
 
 @pytest.mark.parametrize("stage, expected", [
-    ({"method": "rtn", "format": {"type": "int", "bits": 9}}, r"stages\[0\]\.format\.bits: .*less than or equal to 8"),
+    ({"method": "rtn", "format": {"type": "int", "bits": 9}}, r"stages\[0\]\.format\.bits: .*2\.\.8 bits, got 9$"),
     ({"method": "rtn", "format": {"type": "int", "bits": "four"}}, r"stages\[0\]\.format\.bits: .*integer"),
     ({"method": "rtn", "formt": {"type": "int", "bits": 4}}, r"stages\[0\]\.formt: unknown key"),
     ({"method": "rtn", "format": {"type": "int8"}}, r"stages\[0\]\.format: unknown format 'int8'; registered: .*int"),

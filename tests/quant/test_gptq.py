@@ -1,8 +1,6 @@
 """GPTQ against RTN, against a brute-force OBQ reference, and its edge cases (all on CPU, < 60 s)."""
 from __future__ import annotations
 
-from typing import ClassVar, Literal
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,34 +9,12 @@ from modelpress.calib.stats import ActStatsAccumulator, HessianAccumulator
 from modelpress.core.errors import ModelpressError
 from modelpress.quant.algos.gptq import GPTQResult, gptq_quantize
 from modelpress.quant.formats.base import WeightFormat
+from modelpress.quant.formats.integer import IntFormat
 from modelpress.quant.granularity import PerChannel, PerGroup, PerTensor
 
 
-# ---- a minimal private int format (until modelpress.quant.formats.integer lands) -------------
-class _IntFmt(WeightFormat):
-    type: Literal["_test_int"] = "_test_int"
-    code_bits: ClassVar[int] = 8
-    bits: int = 4
-    symmetric: bool = True
-
-    def fit(self, w):
-        if self.symmetric:
-            scale = (w.abs().amax(-1, keepdim=True) / (2 ** (self.bits - 1) - 1)).clamp(min=1e-8)
-            return {"scale": scale.float(), "zero": torch.full_like(scale, 2 ** (self.bits - 1)).float()}
-        lo = w.amin(-1, keepdim=True).clamp(max=0)
-        hi = w.amax(-1, keepdim=True).clamp(min=0)
-        scale = ((hi - lo) / (2**self.bits - 1)).clamp(min=1e-8)
-        return {"scale": scale.float(), "zero": torch.round(-lo / scale).float()}
-
-    def encode(self, w, p):
-        return torch.clamp(torch.round(w / p["scale"]) + p["zero"], 0, 2**self.bits - 1).to(torch.uint8)
-
-    def decode(self, c, p):
-        return ((c.float() - p["zero"]) * p["scale"]).float()
-
-
-def make_fmt(bits: int = 4, symmetric: bool = True, granularity=PerChannel()) -> WeightFormat:
-    return _IntFmt(bits=bits, symmetric=symmetric, granularity=granularity)
+def make_fmt(bits: int = 4, symmetric: bool = True, granularity=PerChannel(), **kw) -> IntFormat:
+    return IntFormat(bits=bits, symmetric=symmetric, granularity=granularity, **kw)
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -182,6 +158,16 @@ def test_act_order(granularity):
     if isinstance(granularity, PerGroup):  # static groups: every group's params come from the original W
         assert all(torch.equal(ordered.qtensor.params[k], fmt.quantize(W).params[k]) for k in ordered.qtensor.params)
     assert output_error(W, ordered.Q, X) <= output_error(W, rtn(W, fmt), X)
+
+
+def test_mse_clip_format():
+    """A format that searches its own clipping (``mse_clip``) works unchanged inside GPTQ."""
+    X = correlated_inputs(512, 64, seed=21)
+    W = torch.randn(16, 64, generator=torch.Generator().manual_seed(22))
+    fmt = make_fmt(3, False, PerGroup(size=16), mse_clip=True)
+    res = gptq_quantize(W, hessian(X), fmt, blocksize=24)
+    check_consistent(res, fmt)
+    assert output_error(W, res.Q, X) < 0.75 * output_error(W, rtn(W, fmt), X)
 
 
 def test_act_order_dynamic_groups_refused():

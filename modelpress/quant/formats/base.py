@@ -66,7 +66,12 @@ class WeightFormat(Config, ABC):
                 for k, v in stored.items()}
 
     def roundtrip_params(self, params: Params) -> Params:
-        """Parameters rounded to their stored precision, so encoding uses exactly what is saved."""
+        """Parameters rounded to their stored precision, so encoding uses exactly what is saved.
+
+        Store *fitted* parameters once and keep that result: ``store_params`` need not be
+        idempotent (NF4 double quantisation re-centres the absmax on every call), so storing the
+        output of this method again may not give back the same tensors.
+        """
         return self.load_params(self.store_params(params))
 
     # ---- whole-tensor helpers built on the contract ------------------------------------------
@@ -94,12 +99,14 @@ class WeightFormat(Config, ABC):
             raise ModelpressError(f"{self.type} expects a 2-D weight, got shape {tuple(w.shape)}")
         wf = w.detach().to(torch.float32)
         wg = self.grouped(wf)
-        p = self.roundtrip_params(params if params is not None else self.fit(wg))
-        codes = self.encode(wg, p)
+        # Store once and encode with exactly what was stored: storing the rounded params a second
+        # time is not a no-op for every format (see ``roundtrip_params``).
+        stored = self.store_params(params if params is not None else self.fit(wg))
+        codes = self.encode(wg, self.load_params(stored))
         codes = codes.reshape(codes.shape[0], -1) if not isinstance(self.granularity, PerTensor) \
             else codes.reshape(w.shape[0], -1)
         codes = codes[:, : w.shape[1]].contiguous()
-        return QTensor(self, tuple(w.shape), codes, self.store_params(p))
+        return QTensor(self, tuple(w.shape), codes, stored)
 
     def fake_quantize(self, w: torch.Tensor) -> torch.Tensor:
         """Quantise then dequantise (same dtype as ``w``)."""

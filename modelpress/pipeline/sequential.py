@@ -1,0 +1,224 @@
+"""The sequential calibration engine: one decoder block at a time, errors propagated.
+
+1. Run the calibration samples through the model up to the first block and keep that block's
+   inputs (hidden states plus the keyword arguments the block receives: masks, rotary tables).
+2. For each block: every calibrated stage processes it (collects statistics through forward
+   hooks on the cached inputs, then quantises / prunes / rescales its layers); the block is then
+   run again on its *compressed* weights to produce the next block's inputs, so later blocks
+   calibrate against the errors they will see at inference.
+3. After each block the engine checkpoints (the compressed block + the next inputs) so a killed
+   run resumes where it stopped, bit-identically.
+
+No FX tracing: block boundaries come from the ``ArchSpec``. Algorithms see one block and a
+:class:`BlockInputs`; they never move devices.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+import torch.nn as nn
+
+from ..core.errors import ModelpressError
+from ..models.archspec import blocks_path, get_blocks
+from ..models.loading import LoadedModel
+from .methods import RunContext
+
+
+class _Stop(Exception):
+    """Raised by the capture hook to stop the forward pass at the first block."""
+
+
+@dataclass
+class BlockInputs:
+    """Cached inputs of the current block: ``hidden`` (n_samples, seq, d) and shared kwargs.
+
+    ``hidden`` may be a memory-mapped tensor (offload to disk) so its pages can leave RAM.
+    """
+
+    hidden: torch.Tensor  # (n_samples, seq, hidden)
+    kwargs: dict[str, Any]
+    batch_size: int = 1
+
+    def batches(self) -> Iterator[torch.Tensor]:
+        for s in range(0, self.hidden.shape[0], self.batch_size):
+            yield self.hidden[s:s + self.batch_size]
+
+    def run(self, block: nn.Module, stop_after: nn.Module | None = None) -> None:
+        """Forward every cached sample through ``block`` (hooks observe; outputs dropped).
+
+        ``stop_after`` ends each forward once that submodule has run (cheaper observation).
+        """
+        handle = stop_after.register_forward_hook(_raise_stop) if stop_after is not None else None
+        try:
+            for x in self.batches():
+                try:
+                    block(x, **self.kwargs)
+                except _Stop:
+                    pass
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    def propagate(self, block: nn.Module) -> None:
+        """Replace the cached inputs by ``block``'s outputs (inputs of the next block)."""
+        for s in range(0, self.hidden.shape[0], self.batch_size):
+            out = block(self.hidden[s:s + self.batch_size], **self.kwargs)
+            self.hidden[s:s + self.batch_size] = out[0] if isinstance(out, tuple) else out
+
+
+def _raise_stop(*_: Any) -> None:
+    raise _Stop
+
+
+class BlockStage(Protocol):
+    """A calibrated stage: compresses one block given its cached inputs."""
+
+    def process_block(self, lm: LoadedModel, index: int, block: nn.Module, prefix: str,
+                      inputs: BlockInputs, ctx: RunContext) -> None: ...
+
+
+@torch.no_grad()
+def capture_first_block_inputs(lm: LoadedModel, calib: torch.Tensor, offload: str | None = None) -> BlockInputs:
+    """Run calibration ids up to block 0 and cache what it receives."""
+    blocks = get_blocks(lm.module, lm.spec) if lm.spec else []
+    if not blocks:
+        raise ModelpressError("sequential calibration needs a known architecture (decoder blocks); "
+                              f"{type(lm.module).__name__} has none: use a layer-wise method")
+    store: dict[str, Any] = {}
+
+    def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = dict(kwargs)
+        kwargs.pop("hidden_states", None)
+        store.setdefault("kwargs", kwargs)
+        store.setdefault("hidden", []).append(x.detach())
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for row in calib:
+            try:
+                _call_model(lm.module, row[None])
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    hidden = torch.cat(store["hidden"], 0)  # (n_samples, seq, d)
+    kwargs = {k: v for k, v in store["kwargs"].items() if k not in ("past_key_value", "past_key_values", "use_cache")}
+    return BlockInputs(_offload(hidden, offload), kwargs)
+
+
+def _call_model(model: nn.Module, ids: torch.Tensor) -> Any:
+    try:
+        return model(input_ids=ids, use_cache=False)
+    except TypeError:
+        return model(ids)
+
+
+def _offload(hidden: torch.Tensor, path: str | None) -> torch.Tensor:
+    """Keep ``hidden`` in RAM, or in a memory-mapped file at ``path`` (pages can be evicted)."""
+    if path is None:
+        return hidden
+    t = torch.from_file(path, shared=True, size=hidden.numel(), dtype=hidden.dtype).view(hidden.shape)
+    t.copy_(hidden)
+    return t
+
+
+class Checkpointer:
+    """Per-block checkpoints: the compressed blocks done so far and the next block's inputs.
+
+    Files are written to a temporary name and renamed, so a kill mid-write leaves the previous
+    checkpoint intact.
+    """
+
+    def __init__(self, workdir: str | Path | None, signature: dict[str, Any]) -> None:
+        self.dir = Path(workdir) if workdir else None
+        self.signature = signature
+
+    def _state_path(self) -> Path:
+        return self.dir / "state.json"
+
+    def resume_point(self) -> int:
+        """Index of the first block still to do (0 when there is no usable checkpoint)."""
+        if self.dir is None or not self._state_path().exists():
+            return 0
+        state = json.loads(self._state_path().read_text())
+        if state.get("signature") != self.signature:
+            shutil.rmtree(self.dir, ignore_errors=True)  # a different job: start afresh
+            return 0
+        return int(state["next_block"])
+
+    def save(self, next_block: int, lm: LoadedModel, prefix: str, inputs: BlockInputs, ctx: RunContext) -> None:
+        if self.dir is None:
+            return
+        from safetensors.torch import save_file
+
+        from ..export.saving import layer_formats
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        blk = lm.module.get_submodule(f"{prefix}.{next_block - 1}")
+        sd = {k: v.contiguous() for k, v in blk.state_dict().items()}
+        save_file(sd, str(self.dir / f"block{next_block - 1}.safetensors.tmp"))
+        os.replace(self.dir / f"block{next_block - 1}.safetensors.tmp", self.dir / f"block{next_block - 1}.safetensors")
+        save_file({"hidden": inputs.hidden.contiguous()}, str(self.dir / "inputs.safetensors.tmp"))
+        os.replace(self.dir / "inputs.safetensors.tmp", self.dir / "inputs.safetensors")
+        formats = {k: v for k, v in layer_formats(blk).items()}
+        state = {"signature": self.signature, "next_block": next_block, "layers": [vars(r) for r in ctx.layers],
+                 "warnings": ctx.warnings, "formats": {**self._formats(), str(next_block - 1): formats}}
+        tmp = self._state_path().with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, default=str))
+        os.replace(tmp, self._state_path())
+
+    def _formats(self) -> dict[str, Any]:
+        if self.dir is None or not self._state_path().exists():
+            return {}
+        return json.loads(self._state_path().read_text()).get("formats", {})
+
+    def restore(self, upto: int, lm: LoadedModel, prefix: str, inputs: BlockInputs, ctx: RunContext) -> None:
+        """Rebuild blocks [0, upto) from their checkpoints and load the cached inputs of block ``upto``."""
+        from ..export.saving import _install_packed_layers, read_safetensors
+        from .methods import LayerRecord
+
+        state = json.loads(self._state_path().read_text())
+        for i in range(upto):
+            blk = lm.module.get_submodule(f"{prefix}.{i}")
+            tensors = read_safetensors(self.dir / f"block{i}.safetensors")
+            _install_packed_layers(blk, state["formats"].get(str(i), {}), tensors)
+            blk.load_state_dict(tensors, strict=False)
+        inputs.hidden.copy_(read_safetensors(self.dir / "inputs.safetensors")["hidden"])
+        ctx.layers[:] = [LayerRecord(**{**r, "shape": tuple(r["shape"]) if r.get("shape") else None}) for r in state["layers"]]
+        ctx.warnings[:] = state["warnings"]
+
+    def finish(self) -> None:
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def run_sequential(lm: LoadedModel, stages: list[tuple[BlockStage, str]], ctx: RunContext,
+                   *, offload: str | None = None, signature: dict[str, Any] | None = None,
+                   before_block: Callable[[int], None] | None = None) -> None:
+    """Run every stage on each block in turn (see module docstring)."""
+    if ctx.calib is None:
+        raise ModelpressError("calibrated methods need calibration data (--calib FILE)")
+    prefix = blocks_path(lm.module, lm.spec) if lm.spec else None
+    inputs = capture_first_block_inputs(lm, ctx.calib, offload)
+    blocks = get_blocks(lm.module, lm.spec)
+    ck = Checkpointer(ctx.workdir, {**(signature or {}), "n_blocks": len(blocks), "calib_shape": list(ctx.calib.shape)})
+    start = ck.resume_point()
+    if start:
+        ck.restore(start, lm, prefix, inputs, ctx)
+        ctx.warn(f"resumed from checkpoint after block {start - 1} in {ck.dir}")
+    for i in ctx.iterate(list(range(start, len(blocks))), "blocks"):
+        if before_block is not None:
+            before_block(i)
+        for stage, _name in stages:
+            stage.process_block(lm, i, blocks[i], f"{prefix}.{i}", inputs, ctx)
+        inputs.propagate(blocks[i])
+        ck.save(i + 1, lm, prefix, inputs, ctx)
+    ck.finish()
