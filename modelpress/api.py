@@ -25,9 +25,21 @@ from .pipeline.methods import METHODS, MethodConfig, RunContext
 from .pipeline.recipe import Recipe, load_recipe, register_builtin_methods
 
 
-def load(model: str | Path | nn.Module | LoadedModel, **kw: Any) -> LoadedModel:
-    """Load a model (hub id, folder, .gguf, llama2.c .bin, modelpress output, or nn.Module)."""
-    return model if isinstance(model, LoadedModel) else load_model(model, **kw)
+def load(model: str | Path | nn.Module | LoadedModel, *, low_memory: bool = False, **kw: Any) -> LoadedModel:
+    """Load a model (hub id, folder, .gguf, llama2.c .bin, modelpress output, or nn.Module).
+
+    ``low_memory`` (a local safetensors folder): decoder blocks are read from disk only when the
+    sequential engine reaches them, so models larger than RAM can be compressed.
+    """
+    if isinstance(model, LoadedModel):
+        return model
+    if low_memory:
+        from .models.lazy import load_lazy
+
+        if not Path(str(model)).is_dir():
+            raise ModelpressError("--low-memory needs a local folder of safetensors weights")
+        return load_lazy(model, trust_remote_code=kw.get("trust_remote_code", False))
+    return load_model(model, **kw)
 
 
 def as_recipe(recipe: str | Path | Recipe | MethodConfig | dict) -> Recipe:
@@ -61,6 +73,9 @@ def apply(lm: LoadedModel, recipe: str | Path | Recipe | MethodConfig | dict, *,
             raise ModelpressError(f"method {group[0].method!r} needs calibration data: pass --calib FILE")
         with torch.no_grad():
             if entry.block_stage is None:
+                if lm.lazy is not None:
+                    ctx.warn(f"{group[0].method} is not block-wise: all blocks were loaded into memory for it")
+                    lm.lazy.ensure_all()
                 entry.run(lm, group[0], ctx)
             else:
                 _run_calibrated(lm, rec, group, ctx)
@@ -84,7 +99,8 @@ def _run_calibrated(lm: LoadedModel, rec: Recipe, group: list[MethodConfig], ctx
 
     stages = [(METHODS.get(st.method).block_stage(lm, st), st.method) for st in group]
     sig = {"source": lm.source, "recipe": rec.to_dict(), "stages": [st.to_dict() for st in group]}
-    run_sequential(lm, stages, ctx, signature=sig)
+    before = lm.lazy.ensure if lm.lazy is not None else None
+    run_sequential(lm, stages, ctx, signature=sig, before_block=before)
 
 
 def compress(lm: LoadedModel, recipe: Any, *, calib: torch.Tensor | None = None, progress: bool = True,
@@ -117,7 +133,10 @@ def evaluate(lm: LoadedModel, data: str | Path, *, seq_len: int | None = None, m
     if max_tokens:
         ids = ids[:max_tokens]
     bos = lm.tokenizer.bos_token_id if lm.add_bos else None
-    res = perplexity(lm.module, ids, seq_len, stride=stride, bos_token_id=bos, progress=track if progress else None)
+    from .quant.qlinear import cached_dequant
+
+    with cached_dequant():
+        res = perplexity(lm.module, ids, seq_len, stride=stride, bos_token_id=bos, progress=track if progress else None)
     out = res.to_dict()
     out.update(params=count_params(lm.module), memory_bytes=memory_bytes(lm.module), eval_s=time.perf_counter() - t0,
                size_bytes=disk_bytes(size_path if size_path is not None else _disk_source(lm)) or memory_bytes(lm.module),

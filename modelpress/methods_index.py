@@ -1,3 +1,7 @@
 """The one place that imports every method module so each registers itself."""
 from .quant.algos import rtn  # noqa: F401
 from .quant.algos.gptq import method as _gptq_method  # noqa: F401
+from .quant.algos.awq import method as _awq_method  # noqa: F401
+from .quant.algos.smoothquant import method as _smoothquant_method  # noqa: F401
+from .quant.algos.llm_int8 import method as _llm_int8_method  # noqa: F401
+from .quant.algos.ptq import method as _ptq_method  # noqa: F401

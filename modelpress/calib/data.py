@@ -79,6 +79,8 @@ def calibration_tokens(tokenizer: Any, source: str | Path, n_samples: int = 128,
     much there is, rather than silently repeating tokens. ``chat`` wraps each document as a user
     turn with the tokenizer's chat template.
     """
+    if str(source).endswith(".safetensors"):
+        return pretokenized(source, n_samples, seq_len)
     if tokenizer is None:
         raise ModelpressError("calibration needs a tokenizer, and this model has none")
     docs = read_calibration_texts(source, text_field, max_docs=max(4 * n_samples, 64))
@@ -106,3 +108,15 @@ def _chat(tokenizer: Any, text: str) -> str:
     if apply is None or not tmpl:
         raise ModelpressError("--calib-chat asks for the chat template, but this tokenizer has none")
     return apply([{"role": "user", "content": text}])
+
+
+def pretokenized(path: str | Path, n_samples: int, seq_len: int) -> torch.Tensor:
+    """Token ids saved as a ``calib`` (N, L) tensor in a safetensors file (shared between tools)."""
+    from safetensors.torch import load_file
+
+    t = load_file(str(path)).get("calib")
+    if t is None or t.dim() != 2:
+        raise ModelpressError(f"{path}: expected a 2-D 'calib' tensor of token ids")
+    if t.shape[0] < n_samples or t.shape[1] < seq_len:
+        raise ModelpressError(f"{path}: holds {tuple(t.shape)} tokens, fewer than {n_samples} x {seq_len} asked")
+    return t[:n_samples, :seq_len].long()

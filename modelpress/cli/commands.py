@@ -33,7 +33,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.eval_data and not Path(args.eval_data).is_file():
         raise ModelpressError(f"--eval-data file not found: {args.eval_data}")
     t0 = time.perf_counter()
-    lm = api.load(args.model, trust_remote_code=args.trust_remote_code)
+    if args.low_memory and args.eval_data:
+        raise ModelpressError("--low-memory cannot evaluate the float baseline (it never holds the whole model); "
+                              "drop --eval-data and run `modelpress eval` on the output")
+    lm = api.load(args.model, trust_remote_code=args.trust_remote_code, low_memory=args.low_memory)
     load_s = time.perf_counter() - t0
     calib = api.calibration_for(lm, args.calib, args.calib_samples, args.calib_seq_len, args.calib_seed,
                                 args.calib_chat) if args.calib else None
@@ -95,12 +98,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .. import api
     from ..models.archspec import role_of
     from ..models.layers import named_linears
-    from ..quant.qlinear import QuantLinear
 
     lm = api.load(args.model, trust_remote_code=args.trust_remote_code)
     rows = []
     for name, m in named_linears(lm.module):
-        fmt = m.fmt.to_dict() if isinstance(m, QuantLinear) else {"type": str(next(m.parameters()).dtype).replace("torch.", "")}
+        fmt = m.fmt.to_dict() if hasattr(m, "fmt") else {"type": str(next(m.parameters()).dtype).replace("torch.", "")}
         shape = [m.out_features, m.in_features] if hasattr(m, "out_features") else list(m.weight.shape)
         rows.append({"name": name, "role": role_of(name, lm.module, lm.spec), "type": type(m).__name__,
                      "shape": shape, "params": shape[0] * shape[1], "format": fmt})

@@ -26,12 +26,18 @@ import torch
 import torch.nn as nn
 
 from .. import __version__
+from ..core.config import Registry
 from ..core.errors import ModelpressError
 from ..models.loading import MANIFEST, LoadedModel, read_json
 from ..quant.qlinear import QuantLinear
 
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
+
+#: Compressed layer classes other than ``QuantLinear``, keyed by their manifest ``layer`` tag. A class
+#: registers itself and provides ``manifest_entry() -> dict`` (JSON: format, shape, bias ...) and
+#: ``from_saved(info, tensors) -> nn.Module`` (``tensors``: its own state dict, bias included).
+LAYER_CLASSES: Registry[type[nn.Module]] = Registry("compressed layer")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -72,6 +78,8 @@ def layer_formats(model: nn.Module) -> dict[str, dict[str, Any]]:
         if isinstance(m, QuantLinear):
             out[name] = {"format": m.fmt.to_dict(), "shape": [m.out_features, m.in_features],
                          "bias": m.bias is not None, "bits_per_weight": 8.0 * m.stored_bytes() / (m.out_features * m.in_features)}
+        elif getattr(m, "layer_tag", None) in LAYER_CLASSES:
+            out[name] = {"layer": m.layer_tag, **m.manifest_entry()}
     return out
 
 
@@ -185,11 +193,23 @@ def _install_packed_layers(model: nn.Module, layers: dict[str, Any], tensors: di
     from ..quant.formats import format_from_dict
 
     for name, info in layers.items():
-        fmt = format_from_dict(info["format"])
         prefix = name + "."
         own = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix) and "." not in k[len(prefix):]}
+        if "layer" in info:
+            set_submodule(model, name, _layer_class(info["layer"]).from_saved(info, own))
+            continue
+        fmt = format_from_dict(info["format"])
         bias = own.pop("bias", None)
         set_submodule(model, name, QuantLinear(fmt, tuple(info["shape"]), own, bias))
+
+
+def _layer_class(tag: str) -> type[nn.Module]:
+    """The registered class of a manifest ``layer`` tag (method modules register their layers)."""
+    if tag not in LAYER_CLASSES:
+        from ..pipeline.recipe import register_builtin_methods
+
+        register_builtin_methods()
+    return LAYER_CLASSES.get(tag)
 
 
 def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:

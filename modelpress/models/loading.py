@@ -51,6 +51,7 @@ class LoadedModel:
     add_bos: bool = False
     manifest: dict[str, Any] | None = None
     layer_formats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    lazy: Any = None  # a models.lazy.LazyBlocks when blocks load on demand (low-memory mode)
 
     @property
     def max_length(self) -> int | None:

@@ -27,6 +27,7 @@ import torch.nn as nn
 from ..core.errors import ModelpressError
 from ..models.archspec import blocks_path, get_blocks
 from ..models.loading import LoadedModel
+from ..quant.qlinear import cached_dequant
 from .methods import RunContext
 
 
@@ -43,7 +44,7 @@ class BlockInputs:
 
     hidden: torch.Tensor  # (n_samples, seq, hidden)
     kwargs: dict[str, Any]
-    batch_size: int = 1
+    batch_size: int = 1  # samples per block forward; kwargs (masks, rotary tables) broadcast over it
 
     def batches(self) -> Iterator[torch.Tensor]:
         for s in range(0, self.hidden.shape[0], self.batch_size):
@@ -111,7 +112,8 @@ def capture_first_block_inputs(lm: LoadedModel, calib: torch.Tensor, offload: st
         handle.remove()
     hidden = torch.cat(store["hidden"], 0)  # (n_samples, seq, d)
     kwargs = {k: v for k, v in store["kwargs"].items() if k not in ("past_key_value", "past_key_values", "use_cache")}
-    return BlockInputs(_offload(hidden, offload), kwargs)
+    batch = max(1, 4096 // hidden.shape[1])  # ~4k tokens per forward: fewer calls, bounded memory
+    return BlockInputs(_offload(hidden, offload), kwargs, batch_size=batch)
 
 
 def _call_model(model: nn.Module, ids: torch.Tensor) -> Any:
@@ -217,8 +219,9 @@ def run_sequential(lm: LoadedModel, stages: list[tuple[BlockStage, str]], ctx: R
     for i in ctx.iterate(list(range(start, len(blocks))), "blocks"):
         if before_block is not None:
             before_block(i)
-        for stage, _name in stages:
-            stage.process_block(lm, i, blocks[i], f"{prefix}.{i}", inputs, ctx)
-        inputs.propagate(blocks[i])
+        with cached_dequant():
+            for stage, _name in stages:
+                stage.process_block(lm, i, blocks[i], f"{prefix}.{i}", inputs, ctx)
+            inputs.propagate(blocks[i])
         ck.save(i + 1, lm, prefix, inputs, ctx)
     ck.finish()

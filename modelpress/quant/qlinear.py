@@ -5,11 +5,37 @@ points), so saving a quantised model writes packed weights, not fp32 copies.
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .formats.base import QTensor, WeightFormat
+
+
+_CACHE_DEPTH = 0  # > 0 while some caller wants dequantised weights kept between forwards
+
+
+@contextlib.contextmanager
+def cached_dequant(model: nn.Module | None = None) -> Iterator[None]:
+    """Keep each QuantLinear's dequantised weight between forwards while active.
+
+    The reference kernel otherwise unpacks and decodes on every call, which dominates loops that
+    run the same block many times (calibration, perplexity). On exit the caches of ``model`` (or of
+    every QuantLinear seen) are dropped, so packed storage is all that stays in memory.
+    """
+    global _CACHE_DEPTH
+    _CACHE_DEPTH += 1
+    try:
+        yield
+    finally:
+        _CACHE_DEPTH -= 1
+        if _CACHE_DEPTH == 0:
+            for m in list(QuantLinear._live):
+                m._cache = None
+            QuantLinear._live.clear()
 
 
 class QuantLinear(nn.Module):
@@ -24,6 +50,7 @@ class QuantLinear(nn.Module):
     """
 
     is_compressed_linear = True
+    _live: "set[QuantLinear]" = set()  # layers holding a cache (cleared by cached_dequant)
 
     def __init__(self, fmt: WeightFormat, shape: tuple[int, int], tensors: dict[str, torch.Tensor],
                  bias: torch.Tensor | None) -> None:
@@ -34,6 +61,7 @@ class QuantLinear(nn.Module):
         for k, v in tensors.items():
             self.register_buffer(k, v.contiguous())
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self._cache: torch.Tensor | None = None
 
     @classmethod
     def from_linear_weight(cls, qt: QTensor, bias: torch.Tensor | None) -> "QuantLinear":
@@ -48,8 +76,16 @@ class QuantLinear(nn.Module):
         """The (out, in) weight the codes stand for."""
         return self.qtensor().dequantize(dtype)
 
+    def _weight_for(self, dtype: torch.dtype) -> torch.Tensor:
+        if _CACHE_DEPTH == 0:
+            return self.dequantized_weight(dtype)
+        if self._cache is None or self._cache.dtype != dtype:
+            self._cache = self.dequantized_weight(dtype)
+            QuantLinear._live.add(self)
+        return self._cache
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
-        w = self.dequantized_weight(x.dtype)  # reference kernel: dequantise then dense matmul
+        w = self._weight_for(x.dtype)  # reference kernel: dequantise then dense matmul
         b = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, w, b)
 

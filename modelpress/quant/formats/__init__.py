@@ -2,8 +2,9 @@
 
 Example:
     >>> from modelpress.quant.formats import format_from_dict
-    >>> format_from_dict({"type": "int", "bits": 4, "granularity": 128})
-    IntFormat(granularity=PerGroup(kind='group', size=128), type='int', bits=4, symmetric=True, mse_clip=False, scale_dtype='float16')
+    >>> fmt = format_from_dict({"type": "nf4", "granularity": 128})
+    >>> fmt.to_dict()
+    {'granularity': {'kind': 'group', 'size': 128}, 'type': 'nf4', 'double_quant': True}
 """
 from .base import FORMATS, QTensor, WeightFormat, format_from_dict
 from .fp4 import MXFP4Format, NVFP4Format

@@ -22,7 +22,7 @@ import torch
 from ...core.config import Config, Registry
 from ...core.errors import ModelpressError
 from ..granularity import Granularity, PerChannel, PerGroup, PerTensor, group_layout
-from ..packing import pack_codes, unpack_codes
+from ..packing import pack_codes, packed_nbytes, unpack_codes
 
 Params = dict[str, torch.Tensor]
 
@@ -155,8 +155,9 @@ class QTensor:
         return cls(fmt, tuple(shape), codes, params)
 
     def nbytes(self) -> int:
-        """Bytes really stored (packed codes + every parameter tensor)."""
-        return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
+        """Bytes really stored (packed codes + every parameter tensor), computed without packing."""
+        codes = self.codes.shape[0] * packed_nbytes(self.codes.shape[1], self.fmt.code_bits)
+        return codes + sum(t.numel() * t.element_size() for t in self.params.values())
 
     def bits_per_weight(self) -> float:
         """True bits per weight including scales and zero points."""

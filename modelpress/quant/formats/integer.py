@@ -39,9 +39,9 @@ class IntFormat(WeightFormat):
     ``amax / ((2**b - 1) / 2)`` (the top value clips by at most half a step); when the negative side
     dominates the grid is finer and nothing clips.
 
-    Re-quantising a dequantised weight is a no-op (exactly so for float16 scales, and for
-    bfloat16 scales up to 6 bits; float32 scales can move by an ulp): a group that some grid
-    represents exactly keeps that grid, see ``_source_grid``.
+    Re-quantising a dequantised weight is a no-op (exactly so for float16 and bfloat16 scales;
+    float32 scales can move by an ulp): a group that a grid recovered from its range represents
+    exactly keeps that grid, see ``_source_grids``.
 
     Example:
         >>> fmt = IntFormat(bits=4, granularity=128)
@@ -84,7 +84,7 @@ class IntFormat(WeightFormat):
         p = self._minmax(w, 1.0)
         if self.mse_clip:
             p = self._mse_search(w, p)
-        return self._prefer_exact(w, p, self._source_grid(w))
+        return self._prefer_exact(w, p, self._source_grids(w))
 
     def encode(self, w: torch.Tensor, params: Params) -> torch.Tensor:
         """uint8 codes (rows, n_groups, G); an all-zero group (scale 0) encodes to zero."""
@@ -108,9 +108,8 @@ class IntFormat(WeightFormat):
     # ---- fitting -----------------------------------------------------------------------------
     def _minmax(self, w: torch.Tensor, shrink: float) -> Params:
         """Min-max fit of the range shrunk by ``shrink`` (1.0: no clipping beyond half a step)."""
-        # float64 so that refitting a dequantised weight recomputes the stored scale exactly
-        hi = w.amax(dim=-1, keepdim=True).clamp_min(0).double() * shrink  # (rows, n_groups, 1)
-        lo = w.amin(dim=-1, keepdim=True).clamp_max(0).double() * shrink
+        lo, hi = _range(w)
+        lo, hi = lo * shrink, hi * shrink
         if self.symmetric:
             scale = torch.maximum(hi / (self.mid - 0.5), -lo / self.mid)
             return {"scale": self._round_up(scale)}
@@ -130,29 +129,38 @@ class IntFormat(WeightFormat):
             best = {k: torch.where(better, cand[k], best[k]) for k in best}
         return best
 
-    def _source_grid(self, w: torch.Tensor) -> Params:
-        """The grid ``w`` would have come from if it is an already dequantised weight.
+    def _source_grids(self, w: torch.Tensor) -> list[Params]:
+        """The grids ``w`` may have come from if it is an already dequantised weight.
 
-        Dequantising leaves the extremes on grid points: symmetric, ``(2**(b-1)-1) * s`` or
-        ``-2**(b-1) * s``; asymmetric, ``-zero * s`` and ``(2**b - 1 - zero) * s`` or one step
-        short of it (rounding the scale up can leave the top code unused). Recovering ``s`` from
-        them makes re-quantisation return the same grid instead of a slightly different one.
+        Dequantising leaves the range ends on (or, when the scale was rounded up, a code or two
+        inside) the grid ends: symmetric ``(2**(b-1)-1) * s`` or ``-2**(b-1) * s``; asymmetric
+        ``-zero * s`` and ``(2**b - 1 - zero) * s``. Recovering ``s`` from them makes
+        re-quantisation return the same grid instead of a slightly different one.
         """
-        hi = w.amax(dim=-1, keepdim=True).clamp_min(0).double()  # (rows, n_groups, 1)
-        lo = w.amin(dim=-1, keepdim=True).clamp_max(0).double()
+        lo, hi = _range(w)
         if self.symmetric:
-            return {"scale": self._round_up(torch.maximum(hi / (self.mid - 1), -lo / self.mid))}
-        scale = self._round_up((hi - lo) / (self.qmax - 1))
-        zero = torch.round(-lo / _nonzero(scale).double()).clamp(0, self.qmax)
-        return {"scale": scale, "zero": zero.to(torch.float32)}
+            clip_free = torch.maximum(hi / (self.mid - 1), -lo / self.mid)
+            scales = (clip_free, torch.maximum(hi, -lo) / (self.mid - 1))
+            return [{"scale": self._round_up(sc)} for sc in scales]
+        grids = []
+        for width in (self.qmax, self.qmax - 1, self.qmax - 2):
+            scale = self._round_up((hi - lo) / max(width, 1))
+            zero = torch.round(-lo / _nonzero(scale).double()).clamp(0, self.qmax)
+            grids.append({"scale": scale, "zero": zero.to(torch.float32)})
+        return grids
 
-    def _prefer_exact(self, w: torch.Tensor, p: Params, cand: Params) -> Params:
-        """``cand`` for the groups it represents exactly (zero error beats any fit), else ``p``."""
-        exact = (self.decode(self.encode(w, cand), cand) == w).all(dim=-1, keepdim=True)
-        return {k: torch.where(exact, cand[k], p[k]) for k in p}
+    def _prefer_exact(self, w: torch.Tensor, p: Params, cands: list[Params]) -> Params:
+        """The first candidate that represents a group exactly (zero error beats any fit), else ``p``."""
+        for cand in reversed(cands):  # reversed: the first exact candidate is applied last
+            exact = (self.decode(self.encode(w, cand), cand) == w).all(dim=-1, keepdim=True)
+            p = {k: torch.where(exact, cand[k], p[k]) for k in p}
+        return p
 
     def _round_up(self, scale: torch.Tensor) -> torch.Tensor:
         """Smallest ``scale_dtype`` value >= ``scale`` (float64 in), as float32.
+
+        A scale beyond the dtype's range is clamped to its largest value (weights beyond about
+        65504 * 2**(bits-1) need bfloat16 or float32 scales).
 
         Rounding to nearest could shrink the step and push the range end past the grid; rounding
         up keeps the half-step error bound true for the scale that is really stored.
@@ -162,6 +170,16 @@ class IntFormat(WeightFormat):
         s = scale.to(dt)
         s = torch.where(s.double() < scale, torch.nextafter(s, torch.full_like(s, float("inf"))), s)
         return s.to(torch.float32)
+
+
+def _range(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min(w, 0), max(w, 0)) per group of (rows, n_groups, G), each (rows, n_groups, 1), float64.
+
+    float64 so that refitting a dequantised weight recomputes its stored scale exactly.
+    """
+    lo = w.amin(dim=-1, keepdim=True).clamp_max(0).double()
+    hi = w.amax(dim=-1, keepdim=True).clamp_min(0).double()
+    return lo, hi
 
 
 def _nonzero(scale: torch.Tensor) -> torch.Tensor:

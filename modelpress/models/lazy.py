@@ -1,0 +1,123 @@
+"""Low-memory loading: decoder blocks stay on the meta device until the engine needs them.
+
+The model is built with its real non-block parts (embeddings, final norm, head, rotary tables) and
+a list of empty blocks; :meth:`LazyBlocks.ensure` reads one block's tensors from the memory-mapped
+safetensors files when the sequential engine reaches it. Peak memory is then one float block plus
+whatever was already compressed, not the whole float model.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..core.errors import ModelpressError
+from .archspec import blocks_path, detect_spec
+from .loading import LoadedModel, _hf_class, _try_tokenizer
+
+
+class LazyBlocks:
+    """Reads block ``i``'s tensors from safetensors shards on demand."""
+
+    def __init__(self, model: nn.Module, prefix: str, key_to_file: dict[str, Path]) -> None:
+        self.model = model
+        self.prefix = prefix
+        self.key_to_file = key_to_file
+        self.loaded: set[int] = set()
+
+    def ensure(self, i: int) -> nn.Module:
+        """Materialise block ``i`` on CPU from disk (no-op when already loaded)."""
+        block = self.model.get_submodule(f"{self.prefix}.{i}")
+        if i in self.loaded:
+            return block
+        sd = read_keys(self.key_to_file, f"{self.prefix}.{i}.")
+        block.to_empty(device="cpu")
+        missing, unexpected = block.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise ModelpressError(f"block {i}: checkpoint lacks {missing[:3]} / has extra {unexpected[:3]}")
+        self.loaded.add(i)
+        return block
+
+    def ensure_all(self) -> None:
+        for i in range(len(self.model.get_submodule(self.prefix))):
+            self.ensure(i)
+
+
+def shard_index(folder: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, from ``model.safetensors.index.json`` or the single file."""
+    idx = folder / "model.safetensors.index.json"
+    if idx.exists():
+        wm = json.loads(idx.read_text())["weight_map"]
+        return {k: folder / v for k, v in wm.items()}
+    single = folder / "model.safetensors"
+    if not single.exists():
+        raise ModelpressError(f"{folder}: low-memory loading needs safetensors weights")
+    from safetensors import safe_open
+
+    with safe_open(str(single), "pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def read_keys(key_to_file: dict[str, Path], prefix: str) -> dict[str, torch.Tensor]:
+    """Tensors whose name starts with ``prefix`` (prefix stripped), read through mmap."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for k, f in key_to_file.items():
+        if k.startswith(prefix):
+            by_file.setdefault(f, []).append(k)
+    out = {}
+    for f, keys in by_file.items():
+        with safe_open(str(f), "pt") as h:
+            for k in keys:
+                out[k[len(prefix):]] = h.get_tensor(k)
+    return out
+
+
+def load_lazy(folder: str | Path, *, trust_remote_code: bool = False) -> LoadedModel:
+    """A model whose blocks load on demand (see module docstring); blocks must be homogeneous."""
+    import transformers
+
+    folder = Path(folder)
+    config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    n_layers = config.num_hidden_layers
+    small = config.__class__.from_dict({**config.to_dict(), "num_hidden_layers": 1})
+    model = _hf_class(config).from_config(small, trust_remote_code=trust_remote_code)
+    spec = detect_spec(model)
+    prefix = blocks_path(model, spec) if spec else None
+    if prefix is None:
+        raise ModelpressError(f"{folder}: low-memory loading needs a known architecture")
+    _meta_blocks(model, prefix, n_layers)
+    model.config.num_hidden_layers = n_layers
+    keys = shard_index(folder)
+    rest = {k: v for k, v in read_keys(keys, "").items() if not k.startswith(prefix + ".")}
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    if unexpected:
+        raise ModelpressError(f"{folder}: unexpected tensors {unexpected[:3]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.eval()
+    lm = LoadedModel(model, spec, _try_tokenizer(str(folder)), str(folder), "hf")
+    lm.lazy = LazyBlocks(model, prefix, keys)  # type: ignore[attr-defined]
+    return lm
+
+
+def _meta_blocks(model: nn.Module, prefix: str, n: int) -> None:
+    """Replace the one real block by ``n`` empty (meta) blocks of the same class."""
+    blocks = model.get_submodule(prefix)
+    first = blocks[0]
+    cls, cfg = type(first), model.config
+    with torch.device("meta"):
+        new = nn.ModuleList([_make_block(cls, cfg, i) for i in range(n)])
+    parent, _, name = prefix.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, new)
+
+
+def _make_block(cls: type, cfg: Any, i: int) -> nn.Module:
+    try:
+        return cls(cfg, layer_idx=i)
+    except TypeError:
+        return cls(cfg)

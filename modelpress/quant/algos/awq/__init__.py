@@ -1,0 +1,20 @@
+"""AWQ: activation-aware per-channel scaling and clipping (the pure maths lives in ``awq.py``)."""
+from .awq import (
+    ScaleSearch,
+    fold_into_linear_out,
+    fold_into_norm,
+    scale_linear_in,
+    scaled_output_error,
+    search_clip,
+    search_scales,
+)
+
+__all__ = [
+    "ScaleSearch",
+    "fold_into_linear_out",
+    "fold_into_norm",
+    "scale_linear_in",
+    "scaled_output_error",
+    "search_clip",
+    "search_scales",
+]

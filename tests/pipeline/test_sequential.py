@@ -1,0 +1,68 @@
+"""The sequential engine: resume after interruption is bit-identical; low-memory loading matches."""
+import copy
+
+import pytest
+import torch
+
+import modelpress as mp
+from modelpress.api import as_recipe
+from modelpress.pipeline import sequential
+from modelpress.quant.qlinear import QuantLinear
+from tests.conftest import make_tiny_llama
+
+RECIPE = {"name": "t", "stages": [{"method": "gptq", "act_order": True,
+                                   "format": {"type": "int", "bits": 3, "granularity": 32}}]}
+
+
+def _packed(model):
+    return {f"{n}.{k}": getattr(m, k).clone() for n, m in model.named_modules() if isinstance(m, QuantLinear)
+            for k in m._tensor_names}
+
+
+@pytest.fixture(scope="module")
+def calib():
+    torch.manual_seed(0)
+    return torch.randint(0, 300, (6, 32))
+
+
+def test_interrupted_run_resumes_bit_identical(tmp_path, calib, monkeypatch):
+    base = make_tiny_llama(seed=5, layers=4)
+    ref = mp.load(copy.deepcopy(base))
+    mp.apply(ref, RECIPE, calib=calib, progress=False)
+
+    lm = mp.load(copy.deepcopy(base))
+    real = sequential.run_sequential
+
+    def crash_at_block_2(*a, **kw):
+        def before(i):
+            if i == 2:
+                raise KeyboardInterrupt  # stands in for SIGKILL: nothing after this point runs
+        return real(*a, **{**kw, "before_block": before})
+
+    monkeypatch.setattr(sequential, "run_sequential", crash_at_block_2)
+    with pytest.raises(KeyboardInterrupt):
+        mp.apply(lm, RECIPE, calib=calib, progress=False, workdir=tmp_path / "work")
+    assert (tmp_path / "work" / "state.json").exists()
+    monkeypatch.setattr(sequential, "run_sequential", real)
+
+    fresh = mp.load(copy.deepcopy(base))  # a new process would start from the float model again
+    ctx = mp.apply(fresh, RECIPE, calib=calib, progress=False, workdir=tmp_path / "work")
+    assert any("resumed from checkpoint after block 1" in w for w in ctx.warnings)
+    a, b = _packed(ref.module), _packed(fresh.module)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "work").exists()  # checkpoints removed after success
+
+
+def test_low_memory_load_gives_identical_result(tmp_path, calib):
+    base = make_tiny_llama(seed=6, layers=3)
+    base.save_pretrained(str(tmp_path / "m"))
+    ref = mp.load(copy.deepcopy(base))
+    mp.apply(ref, RECIPE, calib=calib, progress=False)
+    lazy = mp.load(str(tmp_path / "m"), low_memory=True)
+    assert lazy.module.model.layers[2].mlp.down_proj.weight.is_meta
+    mp.apply(lazy, RECIPE, calib=calib, progress=False)
+    a, b = _packed(ref.module), _packed(lazy.module)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.randint(0, 300, (1, 20))
+    assert torch.equal(ref.module(input_ids=ids).logits, lazy.module(input_ids=ids).logits)
+
