@@ -159,4 +159,9 @@ def save(lm: LoadedModel, output: str | Path, *, recipe: Any = None, report: dic
     from .export.saving import save_compressed
 
     rec = as_recipe(recipe) if recipe is not None and not isinstance(recipe, Recipe) else recipe
-    return save_compressed(lm, output, recipe=rec, report=report, overwrite=overwrite)
+    path = save_compressed(lm, output, recipe=rec, report=report, overwrite=overwrite)
+    if lm.lazy is not None and lm.lazy.workdir is not None:  # streamed blocks are in the output now
+        import shutil
+
+        shutil.rmtree(lm.lazy.workdir, ignore_errors=True)
+    return path

@@ -1,6 +1,7 @@
 """Progress bars (rich) for every loop over layers, blocks or batches; silent when disabled."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Iterable, Iterator, TypeVar
@@ -29,3 +30,20 @@ def track(items: Iterable[T], description: str) -> Iterator[T]:
         for it in items:
             yield it
             prog.advance(task)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Temporarily run torch ops on ``n`` threads.
+
+    Loops of tiny ops (GPTQ's per-column updates) are slower with several OpenMP threads than with
+    one: the threads spin-wait on every op, worst on a busy shared machine.
+    """
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

@@ -32,6 +32,7 @@ from ..models.loading import MANIFEST, LoadedModel, read_json
 from ..quant.qlinear import QuantLinear
 
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
 FORMAT_VERSION = 1
 
 #: Compressed layer classes other than ``QuantLinear``, keyed by their manifest ``layer`` tag. A class
@@ -54,6 +55,9 @@ def _state_dict_without_ties(model: nn.Module) -> tuple[dict[str, torch.Tensor],
     seen: dict[tuple[int, int, tuple], str] = {}
     out, ties = {}, {}
     for k, v in sd.items():
+        if v.is_meta:  # an offloaded block (low-memory mode): streamed from its checkpoint instead
+            out[k] = v
+            continue
         key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)) if v.numel() else None
         if key is not None and key in seen:
             ties.setdefault(seen[key], [seen[key]]).append(k)
@@ -109,7 +113,11 @@ def _write_folder(lm: LoadedModel, tmp: Path, recipe: Any, report: dict | None) 
     from safetensors.torch import save_file
 
     sd, ties = _state_dict_without_ties(lm.module)
-    save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": f"modelpress {__version__}"})
+    layers = layer_formats(lm.module)
+    if lm.lazy is not None and lm.lazy.offloaded:
+        layers.update(_write_shards(lm, sd, tmp))
+    else:
+        save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": f"modelpress {__version__}"})
     cfg = getattr(lm.module, "config", None)
     if cfg is not None and hasattr(cfg, "to_json_string"):
         (tmp / "config.json").write_text(cfg.to_json_string())
@@ -122,10 +130,32 @@ def _write_folder(lm: LoadedModel, tmp: Path, recipe: Any, report: dict | None) 
         "source": lm.source, "kind": lm.kind, "add_bos": lm.add_bos,
         "model_class": type(lm.module).__name__,
         "recipe": recipe.to_dict() if hasattr(recipe, "to_dict") else recipe,
-        "layers": layer_formats(lm.module), "tied": ties,
+        "layers": layers, "tied": ties,
         "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def _write_shards(lm: LoadedModel, sd: dict[str, torch.Tensor], tmp: Path) -> dict[str, Any]:
+    """Low-memory save: one shard per offloaded block, streamed from its checkpoint, plus the rest.
+
+    Returns the per-layer formats of the streamed blocks (full names) for the manifest.
+    """
+    from safetensors.torch import load_file, save_file
+
+    lazy, meta = lm.lazy, {"format": "pt", "producer": f"modelpress {__version__}"}
+    rest = {k: v for k, v in sd.items() if not v.is_meta}
+    weight_map = {k: "model-rest.safetensors" for k in rest}
+    save_file(rest, str(tmp / "model-rest.safetensors"), metadata=meta)
+    layers: dict[str, Any] = {}
+    for i, (path, formats) in sorted(lazy.offloaded.items()):
+        name = f"model-block{i:05d}.safetensors"
+        blk = {f"{lazy.prefix}.{i}.{k}": v for k, v in load_file(str(path)).items()}
+        save_file(blk, str(tmp / name), metadata=meta)
+        weight_map.update({k: name for k in blk})
+        layers.update({f"{lazy.prefix}.{i}.{k}": v for k, v in formats.items()})
+    (tmp / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    return layers
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
@@ -160,6 +190,17 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ModelpressError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
 
 
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a single-file or sharded (index.json) output."""
+    if (folder / INDEX).exists():
+        shards = sorted(set(read_json(folder / INDEX)["weight_map"].values()))
+        out: dict[str, torch.Tensor] = {}
+        for sh in shards:
+            out.update(read_safetensors(folder / sh))
+        return out
+    return read_safetensors(folder / WEIGHTS)
+
+
 def load_compressed(folder: str | Path, *, trust_remote_code: bool = False, verify: bool = True) -> LoadedModel:
     """Rebuild a model saved by :func:`save_compressed` (packed layers stay packed)."""
     folder = Path(folder)
@@ -168,7 +209,7 @@ def load_compressed(folder: str | Path, *, trust_remote_code: bool = False, veri
         raise ModelpressError(f"{folder}: unsupported modelpress format version {manifest.get('format_version')}")
     if verify:
         verify_files(folder, manifest)
-    tensors = read_safetensors(folder / WEIGHTS)
+    tensors = read_weights(folder)
     model = _skeleton(folder, trust_remote_code)
     _install_packed_layers(model, manifest["layers"], tensors)
     _load_rest(model, tensors, manifest)
@@ -233,7 +274,7 @@ def load_into(module: nn.Module, folder: str | Path) -> nn.Module:
     folder = Path(folder)
     manifest = read_json(folder / MANIFEST)
     verify_files(folder, manifest)
-    tensors = read_safetensors(folder / WEIGHTS)
+    tensors = read_weights(folder)
     _install_packed_layers(module, manifest["layers"], tensors)
     _load_rest(module, tensors, manifest)
     return module

@@ -27,10 +27,16 @@ class LazyBlocks:
         self.prefix = prefix
         self.key_to_file = key_to_file
         self.loaded: set[int] = set()
+        #: compressed blocks moved out of RAM: index -> (safetensors file, per-layer formats)
+        self.offloaded: dict[int, tuple[Path, dict[str, Any]]] = {}
+        self.workdir: Path | None = None  # removed once the model has been saved
 
     def ensure(self, i: int) -> nn.Module:
         """Materialise block ``i`` on CPU from disk (no-op when already loaded)."""
         block = self.model.get_submodule(f"{self.prefix}.{i}")
+        if i in self.offloaded:
+            raise ModelpressError(f"block {i} is already compressed and offloaded to {self.offloaded[i][0]}; "
+                                  "save the model and reload it to use it")
         if i in self.loaded:
             return block
         sd = read_keys(self.key_to_file, f"{self.prefix}.{i}.")
@@ -40,6 +46,12 @@ class LazyBlocks:
             raise ModelpressError(f"block {i}: checkpoint lacks {missing[:3]} / has extra {unexpected[:3]}")
         self.loaded.add(i)
         return block
+
+    def offload(self, i: int, path: Path, formats: dict[str, Any]) -> None:
+        """Drop block ``i`` from RAM: its compressed tensors live in ``path`` until saving."""
+        self.model.get_submodule(f"{self.prefix}.{i}").to("meta")
+        self.offloaded[i] = (Path(path), formats)
+        self.loaded.add(i)
 
     def ensure_all(self) -> None:
         for i in range(len(self.model.get_submodule(self.prefix))):

@@ -177,6 +177,10 @@ class Checkpointer:
         tmp.write_text(json.dumps(state, default=str))
         os.replace(tmp, self._state_path())
 
+    def block_formats(self, i: int) -> dict[str, Any]:
+        """Per-layer formats (block-relative names) recorded for block ``i``."""
+        return self._formats().get(str(i), {})
+
     def _formats(self) -> dict[str, Any]:
         if self.dir is None or not self._state_path().exists():
             return {}
@@ -189,6 +193,9 @@ class Checkpointer:
 
         state = json.loads(self._state_path().read_text())
         for i in range(upto):
+            if lm.lazy is not None:  # low memory: leave done blocks on disk
+                lm.lazy.offload(i, self.dir / f"block{i}.safetensors", state["formats"].get(str(i), {}))
+                continue
             blk = lm.module.get_submodule(f"{prefix}.{i}")
             tensors = read_safetensors(self.dir / f"block{i}.safetensors")
             _install_packed_layers(blk, state["formats"].get(str(i), {}), tensors)
@@ -224,4 +231,9 @@ def run_sequential(lm: LoadedModel, stages: list[tuple[BlockStage, str]], ctx: R
                 stage.process_block(lm, i, blocks[i], f"{prefix}.{i}", inputs, ctx)
             inputs.propagate(blocks[i])
         ck.save(i + 1, lm, prefix, inputs, ctx)
-    ck.finish()
+        if lm.lazy is not None and ck.dir is not None:  # low memory: the checkpoint holds the block now
+            lm.lazy.offload(i, ck.dir / f"block{i}.safetensors", ck.block_formats(i))
+    if lm.lazy is not None and ck.dir is not None:
+        lm.lazy.workdir = ck.dir  # the saver streams the blocks from here, then removes it
+    else:
+        ck.finish()

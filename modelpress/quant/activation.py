@@ -29,7 +29,7 @@ from ..export.saving import LAYER_CLASSES
 from ..models.layers import linear_weight, set_submodule
 from ..pipeline.methods import LayerRecord, RunContext
 
-QMIN, QMAX = -128, 127
+QMAX = 127  # int8 weights use the symmetric grid [-127, 127]
 
 
 # ---- the integer grid (pure maths) ---------------------------------------------------------------
@@ -171,6 +171,7 @@ class Int8WeightModule(nn.Module):
         for k in self._tensor_names:
             self.register_buffer(k, tensors[k].detach().contiguous())
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        # in_features: the reduction length (in/groups * kh * kw for a convolution)
         self.out_features, self.in_features = int(self.qweight.shape[0]), int(self.qweight[0].numel())
 
     @property

@@ -66,3 +66,19 @@ def test_low_memory_load_gives_identical_result(tmp_path, calib):
     ids = torch.randint(0, 300, (1, 20))
     assert torch.equal(ref.module(input_ids=ids).logits, lazy.module(input_ids=ids).logits)
 
+
+
+def test_low_memory_offloads_blocks_and_streams_the_save(tmp_path, calib):
+    base = make_tiny_llama(seed=8, layers=3)
+    base.save_pretrained(str(tmp_path / "m"))
+    ref = mp.load(copy.deepcopy(base))
+    mp.apply(ref, RECIPE, calib=calib, progress=False)
+    lazy = mp.load(str(tmp_path / "m"), low_memory=True)
+    mp.apply(lazy, RECIPE, calib=calib, progress=False, workdir=tmp_path / "work")
+    assert sorted(lazy.lazy.offloaded) == [0, 1, 2]  # compressed blocks left RAM for the checkpoint files
+    assert lazy.module.model.layers[1].mlp.down_proj.qweight.is_meta
+    out = mp.save(lazy, tmp_path / "out")
+    assert (out / "model.safetensors.index.json").exists() and not (tmp_path / "work").exists()
+    back = mp.load(str(out))
+    a, b = _packed(ref.module), _packed(back.module)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

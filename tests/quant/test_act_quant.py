@@ -245,7 +245,7 @@ def test_int8_static_cnn_close_to_float(observer):
     assert rel_err(lm.module(x), ref) < 5e-2
 
 
-def test_int8_dynamic_cnn_and_conv_save_load(tmp_path):
+def test_int8_static_conv_save_load_and_int8_dynamic_cnn(tmp_path):
     x = torch.randn(4, 3, 8, 8, generator=gen(15))
     ref = make_cnn()(x)
     lm = mp.load(make_cnn())

@@ -18,6 +18,7 @@ from modelpress.quant.algos.awq import (
     search_clip,
     search_scales,
 )
+from modelpress.quant.algos.awq.awq import candidate_scales
 from modelpress.quant.algos.awq.method import AWQConfig, AWQStage
 from modelpress.quant.algos.gptq.method import GPTQStage
 from modelpress.quant.formats.integer import IntFormat
@@ -165,6 +166,8 @@ def test_search_scales_beats_rtn_and_alpha0_is_rtn():
     assert res.table[0][0] == 0.0
     assert res.table[0][1] == pytest.approx(rtn, rel=1e-6)
     assert scaled_output_error(torch.ones(256), [W], X, FMT3) == pytest.approx(rtn, rel=1e-6)
+    s0 = candidate_scales(X.abs().mean(0), 0.0).view(1, -1)  # alpha = 0: s = 1 exactly
+    assert torch.equal(FMT3.fake_quantize(W * s0) / s0, FMT3.fake_quantize(W))  # RTN bit for bit
     assert res.alpha > 0 and res.best_error < 0.8 * rtn
     s = res.scales.view(1, -1)
     assert output_error(W, FMT3.fake_quantize(W * s) / s, X) == pytest.approx(res.best_error, rel=1e-5)

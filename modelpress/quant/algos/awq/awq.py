@@ -62,6 +62,18 @@ def scaled_output_error(s: torch.Tensor, W_list: list[torch.Tensor], X: torch.Te
     return total
 
 
+def token_basis(X: torch.Tensor) -> torch.Tensor:
+    """A matrix with the same Gram ``X^T X`` as ``X`` (n_tokens, in) and at most ``in`` rows, float32.
+
+    Every loss here is ``||X E^T||^2 = tr(E X^T X E^T)``, so ``X`` can be replaced by the ``R`` of
+    its QR factorisation when there are more tokens than channels: each of the ``grid`` losses
+    then costs ``in`` rows instead of ``n_tokens``.
+    """
+    if X.shape[0] <= X.shape[1]:
+        return X.float()
+    return torch.linalg.qr(X.double(), mode="r")[1].float()  # (in, in)
+
+
 # ---- scale search -------------------------------------------------------------------------------
 def candidate_scales(x_mean: torch.Tensor, alpha: float, w_mean: torch.Tensor | None = None) -> torch.Tensor:
     """``s = mean|x| ** alpha`` (duo: ``/ mean|w_normalised| ** (1 - alpha)``), normalised to geometric mid 1.
@@ -108,7 +120,7 @@ def search_scales(x_mean: torch.Tensor, W_list: list[torch.Tensor], X: torch.Ten
     """
     x_mean = x_mean.float()
     W_list = [W.float() for W in W_list]
-    X = X.float()
+    X = token_basis(X)
     w_mean = weight_mean(torch.cat(W_list, 0), fmt) if duo_scaling else None
     alphas: list[float | None] = ([None] if duo_scaling else []) + [i / grid for i in range(grid)]
     table, best_s, best_err = [], torch.ones_like(x_mean), float("inf")

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ....core.errors import ModelpressError
+from ....core.progress import torch_threads
 from ...formats.base import Params, QTensor, WeightFormat
 from ...granularity import PerGroup
 
@@ -123,25 +124,26 @@ def gptq_quantize(
         Losses1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]  # (count, count)
 
-        for i in range(count):
-            w = W1[:, i]  # (rows,)
-            d = Hinv1[i, i]
+        with torch_threads(1):  # tiny per-column ops: one thread avoids OpenMP spin-waits
+            for i in range(count):
+                w = W1[:, i]  # (rows,)
+                d = Hinv1[i, i]
 
-            if dynamic and (i1 + i) % groupsize == 0:
-                Wg = _current_columns(W, W1, Err1, Hinv, i1, i, min(i1 + i + groupsize, columns))
-                Wg = F.pad(Wg, (0, groupsize - Wg.shape[1]))  # (rows, G), zero padded as fmt.grouped does
-                fitted.append(fmt.roundtrip_params(fmt.fit(Wg.unsqueeze(1))))
-            p = fitted[-1] if dynamic else _group_params(params, group_of[i1 + i])
+                if dynamic and (i1 + i) % groupsize == 0:
+                    Wg = _current_columns(W, W1, Err1, Hinv, i1, i, min(i1 + i + groupsize, columns))
+                    Wg = F.pad(Wg, (0, groupsize - Wg.shape[1]))  # (rows, G), zero padded as fmt.grouped does
+                    fitted.append(fmt.roundtrip_params(fmt.fit(Wg.unsqueeze(1))))
+                p = fitted[-1] if dynamic else _group_params(params, group_of[i1 + i])
 
-            c, q = _quantize_column(fmt, w, p)
-            codes[:, i1 + i] = c
-            Q[:, i1 + i] = q
-            q = q.to(dtype)
-            Losses1[:, i] = (w - q) ** 2 / d**2
+                c, q = _quantize_column(fmt, w, p)
+                codes[:, i1 + i] = c
+                Q[:, i1 + i] = q
+                q = q.to(dtype)
+                Losses1[:, i] = (w - q) ** 2 / d**2
 
-            err1 = (w - q) / d  # (rows,)
-            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err1
+                err1 = (w - q) / d  # (rows,)
+                W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+                Err1[:, i] = err1
 
         Losses[:, i1:i2] = Losses1 / 2
         W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])  # the lazy batch update
