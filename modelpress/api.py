@@ -63,10 +63,15 @@ def calibration_for(lm: LoadedModel, calib: str | Path | torch.Tensor | None, n_
 
 
 def apply(lm: LoadedModel, recipe: str | Path | Recipe | MethodConfig | dict, *, calib: torch.Tensor | None = None,
-          progress: bool = True, workdir: str | Path | None = None) -> RunContext:
-    """Apply every stage of ``recipe`` to ``lm`` in place; returns the filled run context."""
+          progress: bool = True, workdir: str | Path | None = None, offload_activations: bool = False) -> RunContext:
+    """Apply every stage of ``recipe`` to ``lm`` in place; returns the filled run context.
+
+    ``workdir`` enables per-block checkpoints (a rerun resumes); ``offload_activations`` keeps the
+    calibration activations in a memory-mapped file there instead of RAM.
+    """
     rec = as_recipe(recipe)
-    ctx = RunContext(calib=calib, progress=track if progress else None, workdir=str(workdir) if workdir else None)
+    ctx = RunContext(calib=calib, progress=track if progress else None, workdir=str(workdir) if workdir else None,
+                     offload_activations=offload_activations)
     for group in _stage_groups(rec):
         entry = METHODS.get(group[0].method)
         if entry.needs_calibration and calib is None:
@@ -104,11 +109,11 @@ def _run_calibrated(lm: LoadedModel, rec: Recipe, group: list[MethodConfig], ctx
 
 
 def compress(lm: LoadedModel, recipe: Any, *, calib: torch.Tensor | None = None, progress: bool = True,
-             workdir: str | Path | None = None) -> dict[str, Any]:
+             workdir: str | Path | None = None, offload_activations: bool = False) -> dict[str, Any]:
     """Apply ``recipe`` and return the report (per-layer formats and errors, timings, memory)."""
     rec = as_recipe(recipe)
     t0 = time.perf_counter()
-    ctx = apply(lm, rec, calib=calib, progress=progress, workdir=workdir)
+    ctx = apply(lm, rec, calib=calib, progress=progress, workdir=workdir, offload_activations=offload_activations)
     layers = [vars(r) for r in ctx.layers]
     bits = [r["bits_per_weight"] for r in layers if r.get("bits_per_weight")]
     return {
@@ -145,11 +150,14 @@ def evaluate(lm: LoadedModel, data: str | Path, *, seq_len: int | None = None, m
 
 
 def _disk_source(lm: LoadedModel) -> str | None:
-    p = Path(lm.source.split(":", 1)[1] if lm.source.startswith("bundled:") else lm.source)
-    if lm.source.startswith("bundled:"):
-        from .models.loading import resolve_bundled
+    """The model's files on disk, or None when the in-memory model is what counts.
 
-        p = resolve_bundled(lm.source)
+    A GGUF is dequantised to fp32 by transformers, so its file size is not the size of the model
+    being compressed: the fp32 bytes in memory stand for it instead.
+    """
+    if lm.kind in ("gguf", "module"):
+        return None
+    p = Path(lm.source)
     return str(p) if p.exists() else None
 
 

@@ -41,7 +41,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     calib = api.calibration_for(lm, args.calib, args.calib_samples, args.calib_seq_len, args.calib_seed,
                                 args.calib_chat) if args.calib else None
     base = api.evaluate(lm, args.eval_data, **_eval_kwargs(args, "eval_")) if args.eval_data else None
-    report = api.compress(lm, recipe, calib=calib, workdir=args.workdir or f"{out}.work")
+    report = api.compress(lm, recipe, calib=calib, workdir=args.workdir or f"{out}.work",
+                          offload_activations=args.offload_activations or args.low_memory)
     report["load_s"] = load_s
     t1 = time.perf_counter()
     if args.eval_data:

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-data", help="also measure perplexity before and after on this text file")
     _add_eval_opts(c, "eval-")
     c.add_argument("--workdir", help="folder for resumable checkpoints (default: OUTPUT.work)")
+    c.add_argument("--offload-activations", action="store_true",
+                   help="keep the calibration activation cache in a memory-mapped file in the workdir")
     c.add_argument("--low-memory", action="store_true",
                    help="read decoder blocks from the safetensors files only when needed (models larger than RAM)")
 

@@ -220,13 +220,13 @@ def load_compressed(folder: str | Path, *, trust_remote_code: bool = False, veri
 def _skeleton(folder: Path, trust_remote_code: bool) -> nn.Module:
     import transformers
 
-    from ..models.loading import _hf_class
+    from ..models.loading import hf_auto_class
 
     if not (folder / "config.json").exists():
         raise ModelpressError(f"{folder}: no config.json; a plain nn.Module output must be rebuilt by its own code "
                               "and filled with modelpress.export.saving.load_into(module, folder)")
     config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    return _hf_class(config).from_config(config, trust_remote_code=trust_remote_code)
+    return hf_auto_class(config).from_config(config, trust_remote_code=trust_remote_code)
 
 
 def _install_packed_layers(model: nn.Module, layers: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
@@ -282,7 +282,7 @@ def load_into(module: nn.Module, folder: str | Path) -> nn.Module:
 
 def _wrap_loaded(model: nn.Module, folder: Path, manifest: dict[str, Any]) -> LoadedModel:
     from ..models.archspec import detect_spec
-    from ..models.loading import _try_tokenizer
+    from ..models.loading import try_tokenizer
 
     tok = None
     if (folder / "tokenizer.bin").exists():
@@ -291,6 +291,6 @@ def _wrap_loaded(model: nn.Module, folder: Path, manifest: dict[str, Any]) -> Lo
 
         tok = Llama2cTextTokenizer(Llama2cTokenizer(folder / "tokenizer.bin"))
     elif any(folder.glob("tokenizer*")):
-        tok = _try_tokenizer(str(folder))
+        tok = try_tokenizer(str(folder))
     return LoadedModel(model, detect_spec(model), tok, str(folder), "modelpress", add_bos=bool(manifest.get("add_bos")),
                        manifest=manifest, layer_formats=manifest.get("layers", {}))

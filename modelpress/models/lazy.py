@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..core.errors import ModelpressError
 from .archspec import blocks_path, detect_spec
-from .loading import LoadedModel, _hf_class, _try_tokenizer
+from .loading import LoadedModel, hf_auto_class, try_tokenizer
 
 
 class LazyBlocks:
@@ -97,7 +97,7 @@ def load_lazy(folder: str | Path, *, trust_remote_code: bool = False) -> LoadedM
     config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     n_layers = config.num_hidden_layers
     small = config.__class__.from_dict({**config.to_dict(), "num_hidden_layers": 1})
-    model = _hf_class(config).from_config(small, trust_remote_code=trust_remote_code)
+    model = hf_auto_class(config).from_config(small, trust_remote_code=trust_remote_code)
     spec = detect_spec(model)
     prefix = blocks_path(model, spec) if spec else None
     if prefix is None:
@@ -112,7 +112,7 @@ def load_lazy(folder: str | Path, *, trust_remote_code: bool = False) -> LoadedM
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     model.eval()
-    lm = LoadedModel(model, spec, _try_tokenizer(str(folder)), str(folder), "hf")
+    lm = LoadedModel(model, spec, try_tokenizer(str(folder)), str(folder), "hf")
     lm.lazy = LazyBlocks(model, prefix, keys)  # type: ignore[attr-defined]
     return lm
 

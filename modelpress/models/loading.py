@@ -117,7 +117,7 @@ def _looks_like_hub_id(s: str) -> bool:
     return 1 <= len(parts) <= 2 and all(p and not p.startswith(".") for p in parts) and not s.startswith(("/", "~"))
 
 
-def _hf_class(config: Any) -> Any:
+def hf_auto_class(config: Any) -> Any:
     import transformers
 
     archs = getattr(config, "architectures", None) or []
@@ -133,17 +133,17 @@ def _load_hf(where: str, src: str, dtype: torch.dtype, trust_remote_code: bool) 
 
     try:
         config = transformers.AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
-        module = _hf_class(config).from_pretrained(
+        module = hf_auto_class(config).from_pretrained(
             where, config=config, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None
         )
     except (OSError, ValueError) as e:
         raise ModelpressError(f"cannot load model {src!r}: {str(e).splitlines()[0]}") from e
-    tok = _try_tokenizer(where, trust_remote_code=trust_remote_code)
+    tok = try_tokenizer(where, trust_remote_code=trust_remote_code)
     module.eval()
     return LoadedModel(module, detect_spec(module), tok, src, "hf")
 
 
-def _try_tokenizer(where: str, **kw: Any) -> TextTokenizer | None:
+def try_tokenizer(where: str, **kw: Any) -> TextTokenizer | None:
     import transformers
 
     try:
@@ -163,7 +163,7 @@ def _load_gguf(path: Path, src: str, dtype: torch.dtype) -> LoadedModel:
         raise ModelpressError(f"loading GGUF needs the 'gguf' extra: pip install 'modelpress[gguf]' ({e})") from e
     except (OSError, ValueError) as e:
         raise ModelpressError(f"cannot load GGUF {src}: {str(e).splitlines()[0]}") from e
-    tok = _try_tokenizer(str(path.parent), gguf_file=path.name)
+    tok = try_tokenizer(str(path.parent), gguf_file=path.name)
     module.eval()
     return LoadedModel(module, detect_spec(module), tok, src, "gguf")
 

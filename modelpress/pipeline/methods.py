@@ -55,6 +55,7 @@ class RunContext:
     layers: list[LayerRecord] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     workdir: str | None = None  # where a resumable stage may keep checkpoints
+    offload_activations: bool = False  # keep the calibration activation cache in a memory-mapped file
 
     def warn(self, msg: str) -> None:
         if msg not in self.warnings:

@@ -98,22 +98,27 @@ def capture_first_block_inputs(lm: LoadedModel, calib: torch.Tensor, offload: st
         kwargs = dict(kwargs)
         kwargs.pop("hidden_states", None)
         store.setdefault("kwargs", kwargs)
-        store.setdefault("hidden", []).append(x.detach())
+        if "hidden" not in store:  # (n_samples, seq, d), allocated once the shape is known
+            store["hidden"] = _allocate((calib.shape[0], *x.shape[1:]), x.dtype, offload)
+        store["hidden"][store.setdefault("n", 0)] = x[0].detach()
+        store["n"] += 1
         raise _Stop
 
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    from ..core.progress import track
+
     try:
-        for row in calib:
+        for row in track(calib, "calibration inputs"):
             try:
                 _call_model(lm.module, row[None])
             except _Stop:
                 pass
     finally:
         handle.remove()
-    hidden = torch.cat(store["hidden"], 0)  # (n_samples, seq, d)
+    hidden = store["hidden"]
     kwargs = {k: v for k, v in store["kwargs"].items() if k not in ("past_key_value", "past_key_values", "use_cache")}
     batch = max(1, 4096 // hidden.shape[1])  # ~4k tokens per forward: fewer calls, bounded memory
-    return BlockInputs(_offload(hidden, offload), kwargs, batch_size=batch)
+    return BlockInputs(hidden, kwargs, batch_size=batch)
 
 
 def _call_model(model: nn.Module, ids: torch.Tensor) -> Any:
@@ -123,13 +128,14 @@ def _call_model(model: nn.Module, ids: torch.Tensor) -> Any:
         return model(ids)
 
 
-def _offload(hidden: torch.Tensor, path: str | None) -> torch.Tensor:
-    """Keep ``hidden`` in RAM, or in a memory-mapped file at ``path`` (pages can be evicted)."""
+def _allocate(shape: tuple[int, ...], dtype: torch.dtype, path: str | None) -> torch.Tensor:
+    """A tensor in RAM, or backed by a memory-mapped file at ``path`` (its pages can leave RAM)."""
     if path is None:
-        return hidden
-    t = torch.from_file(path, shared=True, size=hidden.numel(), dtype=hidden.dtype).view(hidden.shape)
-    t.copy_(hidden)
-    return t
+        return torch.empty(shape, dtype=dtype)
+    n = 1
+    for d in shape:
+        n *= d
+    return torch.from_file(path, shared=True, size=n, dtype=dtype).view(shape)
 
 
 class Checkpointer:
@@ -216,6 +222,11 @@ def run_sequential(lm: LoadedModel, stages: list[tuple[BlockStage, str]], ctx: R
     if ctx.calib is None:
         raise ModelpressError("calibrated methods need calibration data (--calib FILE)")
     prefix = blocks_path(lm.module, lm.spec) if lm.spec else None
+    if offload is None and ctx.offload_activations:
+        if ctx.workdir is None:
+            raise ModelpressError("offloading activations needs a working folder (--workdir)")
+        Path(ctx.workdir).mkdir(parents=True, exist_ok=True)
+        offload = str(Path(ctx.workdir) / "activations.bin")
     inputs = capture_first_block_inputs(lm, ctx.calib, offload)
     blocks = get_blocks(lm.module, lm.spec)
     ck = Checkpointer(ctx.workdir, {**(signature or {}), "n_blocks": len(blocks), "calib_shape": list(ctx.calib.shape)})

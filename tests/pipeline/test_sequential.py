@@ -82,3 +82,13 @@ def test_low_memory_offloads_blocks_and_streams_the_save(tmp_path, calib):
     back = mp.load(str(out))
     a, b = _packed(ref.module), _packed(back.module)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_offloaded_activation_cache_gives_identical_result(tmp_path, calib):
+    base = make_tiny_llama(seed=9, layers=2)
+    ref = mp.load(copy.deepcopy(base))
+    mp.apply(ref, RECIPE, calib=calib, progress=False)
+    off = mp.load(copy.deepcopy(base))
+    mp.apply(off, RECIPE, calib=calib, progress=False, workdir=tmp_path / "w", offload_activations=True)
+    a, b = _packed(ref.module), _packed(off.module)
+    assert all(torch.equal(a[k], b[k]) for k in a)
