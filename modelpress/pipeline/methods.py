@@ -100,7 +100,7 @@ def check_finite(name: str, w: torch.Tensor) -> None:
 
 
 def layer_weight(name: str, module: torch.nn.Module) -> torch.Tensor:
-    """(out, in) float32 copy of a layer's weight, checked finite."""
-    w = linear_weight(module).detach().to(torch.float32)
+    """(out, in) float32 copy of a layer's weight, checked finite (a copy: callers may write to the layer)."""
+    w = linear_weight(module).detach().to(torch.float32, copy=True)
     check_finite(name, w)
     return w

@@ -50,14 +50,17 @@ class BlockInputs:
         for s in range(0, self.hidden.shape[0], self.batch_size):
             yield self.hidden[s:s + self.batch_size]
 
-    def run(self, block: nn.Module, stop_after: nn.Module | None = None) -> None:
+    def run(self, block: nn.Module, stop_after: nn.Module | None = None, max_batches: int | None = None) -> None:
         """Forward every cached sample through ``block`` (hooks observe; outputs dropped).
 
-        ``stop_after`` ends each forward once that submodule has run (cheaper observation).
+        ``stop_after`` ends each forward once that submodule has run (cheaper observation);
+        ``max_batches`` limits the run to the first batches (a sample is enough for some searches).
         """
         handle = stop_after.register_forward_hook(_raise_stop) if stop_after is not None else None
         try:
-            for x in self.batches():
+            for b, x in enumerate(self.batches()):
+                if max_batches is not None and b >= max_batches:
+                    break
                 try:
                     block(x, **self.kwargs)
                 except _Stop:

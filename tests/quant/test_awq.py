@@ -11,6 +11,7 @@ import modelpress.api as api
 import modelpress.pipeline.sequential as sequential
 from modelpress.pipeline.recipe import load_recipe
 from modelpress.quant.algos.awq import (
+    candidate_scales,
     fold_into_linear_out,
     fold_into_norm,
     scale_linear_in,
@@ -18,7 +19,6 @@ from modelpress.quant.algos.awq import (
     search_clip,
     search_scales,
 )
-from modelpress.quant.algos.awq.awq import candidate_scales
 from modelpress.quant.algos.awq.method import AWQConfig, AWQStage
 from modelpress.quant.algos.gptq.method import GPTQStage
 from modelpress.quant.formats.integer import IntFormat

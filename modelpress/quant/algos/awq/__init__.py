@@ -1,20 +1,24 @@
 """AWQ: activation-aware per-channel scaling and clipping (the pure maths lives in ``awq.py``)."""
 from .awq import (
     ScaleSearch,
+    candidate_scales,
     fold_into_linear_out,
     fold_into_norm,
     scale_linear_in,
     scaled_output_error,
     search_clip,
     search_scales,
+    token_basis,
 )
 
 __all__ = [
     "ScaleSearch",
+    "candidate_scales",
     "fold_into_linear_out",
     "fold_into_norm",
     "scale_linear_in",
     "scaled_output_error",
     "search_clip",
     "search_scales",
+    "token_basis",
 ]

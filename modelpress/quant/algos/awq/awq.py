@@ -16,7 +16,7 @@ The format is only used through its contract (``grouped`` / ``fit`` / ``encode``
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -122,11 +122,22 @@ def search_scales(x_mean: torch.Tensor, W_list: list[torch.Tensor], X: torch.Ten
     W_list = [W.float() for W in W_list]
     X = token_basis(X)
     w_mean = weight_mean(torch.cat(W_list, 0), fmt) if duo_scaling else None
-    alphas: list[float | None] = ([None] if duo_scaling else []) + [i / grid for i in range(grid)]
+    return search_scales_by(lambda s: scaled_output_error(s, W_list, X, fmt), x_mean, grid, w_mean)
+
+
+def search_scales_by(objective: Callable[[torch.Tensor], float], x_mean: torch.Tensor, grid: int = 20,
+                     w_mean: torch.Tensor | None = None) -> ScaleSearch:
+    """The alpha grid search of :func:`search_scales` for any ``objective(s) -> loss``.
+
+    The reference AWQ scores a candidate by the output of the whole module the layers sit in
+    (attention for q/k/v, the MLP for gate/up): the objective is whatever the caller measures.
+    ``s = 1`` is tried first and wins ties.
+    """
+    alphas: list[float | None] = ([None] if w_mean is not None else []) + [i / grid for i in range(grid)]
     table, best_s, best_err = [], torch.ones_like(x_mean), float("inf")
     for alpha in alphas:
         s = torch.ones_like(x_mean) if alpha is None else candidate_scales(x_mean, alpha, w_mean)
-        err = scaled_output_error(s, W_list, X, fmt)
+        err = objective(s)
         table.append((alpha, err))
         if err < best_err:  # strict: the identity (first) wins ties
             best_err, best_s = err, s

@@ -29,7 +29,8 @@ from ...apply import install_quantized, record_quantized
 from ...fields import FormatField
 from ...formats import IntFormat
 from ...granularity import PerGroup
-from .awq import fold_into_linear_out, fold_into_norm, scale_linear_in, search_clip, search_scales
+from .awq import (fold_into_linear_out, fold_into_norm, scale_linear_in, search_clip, search_scales,
+                  search_scales_by, weight_mean)
 
 
 class AWQConfig(MethodConfig):
@@ -51,6 +52,9 @@ class AWQConfig(MethodConfig):
                                        description="roles never clipped (attention scores are sensitive)")
     quantize: bool = Field(True, description="round with RTN here; false: leave it to a following stage")
     max_tokens: int = Field(4096, gt=0, description="tokens sampled from the cache to evaluate the losses")
+    loss: Literal["module", "layer"] = Field(
+        "module", description="score scales by the output of the module holding the layers (attention, MLP), "
+                              "as the reference does, or by each layer's own output")
 
 
 @dataclass
@@ -130,8 +134,14 @@ class AWQStage:
             ctx.warn(f"awq: {next(iter(m.targets))} received no calibration tokens; not rescaled")
             return
         W_list = [layer_weight(n, t) for n, t in m.targets.items()]
-        res = search_scales(sample.stats.mean_abs, W_list, sample.X, self.cfg.format,
-                            grid=self.cfg.grid, duo_scaling=self.cfg.duo_scaling)
+        if self.cfg.loss == "module":
+            objective = _ModuleObjective(block, m.targets, W_list, inputs, self.cfg)
+            w_mean = weight_mean(torch.cat(W_list, 0), self.cfg.format) if self.cfg.duo_scaling else None
+            res = search_scales_by(objective, sample.stats.mean_abs.float(), self.cfg.grid, w_mean)
+            objective.restore()
+        else:
+            res = search_scales(sample.stats.mean_abs, W_list, sample.X, self.cfg.format,
+                                grid=self.cfg.grid, duo_scaling=self.cfg.duo_scaling)
         if bool((res.scales == 1).all()):
             return  # the identity won: nothing to fold
         undo = _fold(m, res.scales)
@@ -272,6 +282,62 @@ def _last_module(block: nn.Module, mods: dict[str, nn.Module]) -> nn.Module | No
         if id(m) in wanted:
             last = m
     return last
+
+
+class _ModuleObjective:
+    """AWQ's loss as in the reference: ``|| M(x) - M_q(x) ||^2`` for the module ``M`` holding the layers.
+
+    ``M`` is the deepest module containing every target (attention for q/k/v, the MLP for
+    gate/up, the layer itself for a single target); its inputs are captured on the first cached
+    batches and each candidate ``s`` sets the targets to ``Q(W * s) / s`` (the folded function).
+    """
+
+    def __init__(self, block: nn.Module, targets: dict[str, nn.Module], W_list: list[torch.Tensor],
+                 inputs: BlockInputs, cfg: AWQConfig) -> None:
+        self.targets, self.W_list, self.fmt = list(targets.values()), W_list, cfg.format
+        self.module = _common_parent(block, self.targets)
+        n_batches = max(1, cfg.max_tokens // (inputs.batch_size * inputs.hidden.shape[1]))
+        self.calls: list[tuple[tuple, dict, torch.Tensor]] = []
+
+        def grab(_m: nn.Module, args: tuple, kwargs: dict, out: object) -> None:
+            self.calls.append((args, dict(kwargs), _first(out).detach().clone()))
+
+        h = self.module.register_forward_hook(grab, with_kwargs=True)
+        try:
+            inputs.run(block, stop_after=self.module, max_batches=n_batches)
+        finally:
+            h.remove()
+
+    def __call__(self, s: torch.Tensor) -> float:
+        s_row = s.view(1, -1)  # (1, in)
+        for t, W in zip(self.targets, self.W_list):
+            linear_weight(t).copy_(self.fmt.fake_quantize(W * s_row) / s_row)
+        err = 0.0
+        for args, kwargs, ref in self.calls:
+            err += float((_first(self.module(*args, **kwargs)) - ref).double().pow(2).sum())
+        return err
+
+    def restore(self) -> None:
+        for t, W in zip(self.targets, self.W_list):
+            linear_weight(t).copy_(W)
+
+
+def _first(out: object) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out  # type: ignore[index,return-value]
+
+
+def _common_parent(block: nn.Module, targets: list[nn.Module]) -> nn.Module:
+    """The deepest submodule of ``block`` containing all ``targets`` (a single target: itself)."""
+    if len(targets) == 1:
+        return targets[0]
+    names = {id(m): n for n, m in block.named_modules()}
+    parts = [names[id(t)].split(".") for t in targets]
+    common = []
+    for segs in zip(*parts):
+        if len(set(segs)) != 1:
+            break
+        common.append(segs[0])
+    return block.get_submodule(".".join(common)) if common else block
 
 
 def awq_stage(lm: LoadedModel, cfg: AWQConfig) -> AWQStage:

@@ -14,8 +14,8 @@ from ....pipeline.methods import METHODS, MethodConfig, MethodEntry, RunContext,
 from ....pipeline.sequential import BlockInputs
 from ...apply import install_quantized, record_quantized
 from ...fields import FormatField
-from ...formats import IntFormat
-from ...granularity import PerGroup
+from ...formats import IntFormat, QTensor, WeightFormat
+from ...granularity import PerGroup, PerTensor
 from .gptq import gptq_quantize
 
 
@@ -60,30 +60,74 @@ class GPTQStage:
         names = [n for n in sorted(self.selected) if n.startswith(prefix + ".")]
         for group in self._groups(lm, prefix, names):
             mods = {n: lm.module.get_submodule(n) for n in group}
-            accs = {n: HessianAccumulator(layer_weight(n, m).shape[1]) for n, m in mods.items()}
-            with capture_inputs(mods, lambda n, x: accs[n].update(x.float())):
+            sets = self._shared_input_sets(lm, prefix, group)  # q/k/v read one tensor: one Hessian
+            accs = {s[0]: HessianAccumulator(layer_weight(s[0], mods[s[0]]).shape[1]) for s in sets}
+            with capture_inputs({n: mods[n] for n in accs}, lambda n, x: accs[n].update(x.float())):
                 inputs.run(block, stop_after=_last_module(block, mods))
-            for n, m in mods.items():
-                self._quantize_layer(lm, n, m, accs[n], ctx)
+            for names_ in sets:
+                self._quantize_set(lm, {n: mods[n] for n in names_}, accs[names_[0]], ctx)
 
-    def _quantize_layer(self, lm: LoadedModel, name: str, module: nn.Module, acc: HessianAccumulator,
-                        ctx: RunContext) -> None:
-        W = layer_weight(name, module)  # (out, in)
+    def _shared_input_sets(self, lm: LoadedModel, prefix: str, group: list[str]) -> list[list[str]]:
+        """Split ``group`` into sets of layers that read the same input (from the ArchSpec mappings).
+
+        Layers of one set share a Hessian and, for row-wise formats, are quantised as one stacked
+        matrix: GPTQ treats rows independently, so stacking gives the same codes in one column loop.
+        """
+        spec, left, sets = lm.spec, list(group), []
+        for _prev, roles in (spec.scale_mappings if spec else ()):
+            s = [n for n in (f"{prefix}.{spec.roles[r]}" for r in roles if r in spec.roles) if n in left]
+            if len(s) > 1:
+                sets.append(s)
+                left = [n for n in left if n not in s]
+        return sets + [[n] for n in left]
+
+    def _quantize_set(self, lm: LoadedModel, mods: dict[str, nn.Module], acc: HessianAccumulator,
+                      ctx: RunContext) -> None:
+        fmt = self.cfg.format
+        if len(mods) > 1 and not _row_wise(fmt):
+            for n, m in mods.items():
+                self._quantize_set(lm, {n: m}, acc, ctx)
+            return
+        Ws = {n: layer_weight(n, m) for n, m in mods.items()}  # each (out_i, in)
         if acc.nsamples == 0:
-            ctx.warn(f"{name}: received no calibration tokens; quantised with RTN instead")
-            qt = self.cfg.format.quantize(W)
-            install_quantized(lm.module, name, module, qt)
-            record_quantized(ctx, "rtn(fallback)", name, W, qt)
+            for n, m in mods.items():
+                ctx.warn(f"{n}: received no calibration tokens; quantised with RTN instead")
+                qt = fmt.quantize(Ws[n])
+                install_quantized(lm.module, n, m, qt)
+                record_quantized(ctx, "rtn(fallback)", n, Ws[n], qt)
             return
         H = acc.H
-        res = gptq_quantize(W, H, self.cfg.format, blocksize=self.cfg.blocksize,
-                            percdamp=self.cfg.dampening_frac, act_order=self.cfg.act_order)
-        for w in res.warnings:
-            ctx.warn(f"{name}: {w}")
-        E = W - res.Q
-        out_err = float((torch.einsum("oi,ij,oj->", E, H, E) / torch.einsum("oi,ij,oj->", W, H, W).clamp_min(1e-20)).clamp_min(0).sqrt())
-        install_quantized(lm.module, name, module, res.qtensor)
-        record_quantized(ctx, "gptq", name, W, res.qtensor, res.Q, out_rel_error=out_err)
+        W = torch.cat(list(Ws.values()), 0)  # (sum out_i, in)
+        res = gptq_quantize(W, H, fmt, blocksize=self.cfg.blocksize, percdamp=self.cfg.dampening_frac,
+                            act_order=self.cfg.act_order)
+        row = 0
+        for n, m in mods.items():
+            rows = Ws[n].shape[0]
+            qt, Q = _take_rows(res.qtensor, row, row + rows), res.Q[row:row + rows]
+            row += rows
+            for w in res.warnings:
+                ctx.warn(f"{n}: {w}")
+            install_quantized(lm.module, n, m, qt)
+            record_quantized(ctx, "gptq", n, Ws[n], qt, Q, out_rel_error=_output_error(Ws[n], Q, H))
+
+
+def _row_wise(fmt: WeightFormat) -> bool:
+    """Every parameter of ``fmt`` belongs to one row (no tensor-wide scale), so rows can be stacked."""
+    return fmt.type == "int" and not isinstance(fmt.granularity, PerTensor)
+
+
+def _take_rows(qt: QTensor, a: int, b: int) -> QTensor:
+    """Rows ``a:b`` of a row-wise quantised tensor."""
+    return QTensor(qt.fmt, (b - a, qt.shape[1]), qt.codes[a:b].contiguous(),
+                   {k: v[a:b].contiguous() for k, v in qt.params.items()})
+
+
+def _output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    """Relative output error on the calibration inputs: sqrt(tr(E H E^T) / tr(W H W^T))."""
+    E = W - Q
+    num = torch.einsum("oi,ij,oj->", E, H, E)
+    den = torch.einsum("oi,ij,oj->", W, H, W).clamp_min(1e-20)
+    return float((num / den).clamp_min(0).sqrt())
 
 
 def _last_module(block: nn.Module, mods: dict[str, nn.Module]) -> nn.Module | None:
