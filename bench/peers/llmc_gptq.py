@@ -31,13 +31,14 @@ def main() -> None:
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from modelpress.eval.perplexity import perplexity
 
     toks = load_file(args.tokens)
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, gguf_file=args.gguf, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir, gguf_file=args.gguf)
     load_s = time.perf_counter() - t0
     strategy = {"strategy": "group", "group_size": args.group} if args.group else {"strategy": "channel"}
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(num_bits=args.bits, type="int", symmetric=True, **strategy))
@@ -45,7 +46,7 @@ def main() -> None:
     calib = toks["calib"]
     ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     t1 = time.perf_counter()
-    oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=calib.shape[0],
+    oneshot(model=model, processor=tokenizer, dataset=ds, recipe=recipe, num_calibration_samples=calib.shape[0],
             max_seq_length=calib.shape[1], pipeline="sequential")
     compress_s = time.perf_counter() - t1
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
