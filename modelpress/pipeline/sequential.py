@@ -19,7 +19,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import torch
 import torch.nn as nn
@@ -78,6 +78,16 @@ class BlockInputs:
 
 def _raise_stop(*_: Any) -> None:
     raise _Stop
+
+
+def last_module(block: nn.Module, modules: Iterable[nn.Module]) -> nn.Module | None:
+    """The one of ``modules`` registered last in ``block``: a forward can stop once it has run."""
+    wanted = {id(m) for m in modules}
+    last = None
+    for m in block.modules():
+        if id(m) in wanted:
+            last = m
+    return last
 
 
 class BlockStage(Protocol):

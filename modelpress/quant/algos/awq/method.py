@@ -24,7 +24,7 @@ from ....models.archspec import get_submodule, role_of
 from ....models.layers import linear_shape, linear_weight
 from ....models.loading import LoadedModel
 from ....pipeline.methods import METHODS, MethodConfig, MethodEntry, RunContext, layer_weight, select_layers
-from ....pipeline.sequential import BlockInputs
+from ....pipeline.sequential import BlockInputs, last_module
 from ...apply import install_quantized, record_quantized
 from ...fields import FormatField
 from ...formats import IntFormat
@@ -160,7 +160,7 @@ class AWQStage:
         stride = max(1, math.ceil(n_tok / self.cfg.max_tokens))
         samples = {n: _InputSample(linear_shape(m)[1], stride, self.cfg.max_tokens) for n, m in mods.items()}
         with capture_inputs(mods, lambda n, x: samples[n].update(x)):
-            inputs.run(block, stop_after=_last_module(block, mods))
+            inputs.run(block, stop_after=last_module(block, mods.values()))
         return samples
 
     # ---- clipping and rounding ----------------------------------------------------------------
@@ -273,15 +273,6 @@ class _FoldCheck:
         ref = self.ref.float()
         return float((self._out().float() - ref).norm() / ref.norm().clamp_min(1e-20))
 
-
-def _last_module(block: nn.Module, mods: dict[str, nn.Module]) -> nn.Module | None:
-    """The module of ``mods`` registered last in ``block`` (forward can stop after it)."""
-    wanted = {id(m) for m in mods.values()}
-    last = None
-    for m in block.modules():
-        if id(m) in wanted:
-            last = m
-    return last
 
 
 class _ModuleObjective:

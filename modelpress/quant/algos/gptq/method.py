@@ -11,7 +11,7 @@ from ....calib.capture import capture_inputs
 from ....calib.stats import HessianAccumulator
 from ....models.loading import LoadedModel
 from ....pipeline.methods import METHODS, MethodConfig, MethodEntry, RunContext, layer_weight, select_layers
-from ....pipeline.sequential import BlockInputs
+from ....pipeline.sequential import BlockInputs, last_module
 from ...apply import install_quantized, record_quantized
 from ...fields import FormatField
 from ...formats import IntFormat, QTensor, WeightFormat
@@ -63,7 +63,7 @@ class GPTQStage:
             sets = self._shared_input_sets(lm, prefix, group)  # q/k/v read one tensor: one Hessian
             accs = {s[0]: HessianAccumulator(layer_weight(s[0], mods[s[0]]).shape[1]) for s in sets}
             with capture_inputs({n: mods[n] for n in accs}, lambda n, x: accs[n].update(x.float())):
-                inputs.run(block, stop_after=_last_module(block, mods))
+                inputs.run(block, stop_after=last_module(block, mods.values()))
             for names_ in sets:
                 self._quantize_set(lm, {n: mods[n] for n in names_}, accs[names_[0]], ctx)
 
@@ -129,15 +129,6 @@ def _output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
     den = torch.einsum("oi,ij,oj->", W, H, W).clamp_min(1e-20)
     return float((num / den).clamp_min(0).sqrt())
 
-
-def _last_module(block: nn.Module, mods: dict[str, nn.Module]) -> nn.Module | None:
-    """The module of ``mods`` registered last in ``block`` (forward can stop after it)."""
-    wanted = {id(m) for m in mods.values()}
-    last = None
-    for m in block.modules():
-        if id(m) in wanted:
-            last = m
-    return last
 
 
 def gptq_stage(lm: LoadedModel, cfg: GPTQConfig) -> GPTQStage:

@@ -20,7 +20,7 @@ from ....models.archspec import get_submodule
 from ....models.layers import linear_weight
 from ....models.loading import LoadedModel
 from ....pipeline.methods import METHODS, LayerRecord, MethodConfig, MethodEntry, RunContext, layer_weight, select_layers
-from ....pipeline.sequential import BlockInputs
+from ....pipeline.sequential import BlockInputs, last_module
 from ...activation import ActQuantLinear, ActQuantSpec, install_int8, record_int8
 from .smoothquant import fold_smoothing, smoothing_factors
 
@@ -86,7 +86,7 @@ class SmoothQuantStage:
         firsts = {mp.linears[0][0]: mp.linears[0][1] for mp in maps}
         accs = {n: ActStatsAccumulator(linear_weight(m).shape[1]) for n, m in firsts.items()}
         with capture_inputs(firsts, lambda n, x: accs[n].update(x.float())):
-            inputs.run(block, stop_after=_last_module(block, firsts.values()))
+            inputs.run(block, stop_after=last_module(block, firsts.values()))
         return {n: acc.max_abs for n, acc in accs.items()}
 
     def _smooth(self, mp: _Mapping, act_max: torch.Tensor, ctx: RunContext) -> None:
@@ -138,15 +138,6 @@ def _write(dst: torch.Tensor, src: torch.Tensor) -> None:
     with torch.no_grad():
         dst.copy_(src.to(dst.dtype))
 
-
-def _last_module(block: nn.Module, mods) -> nn.Module | None:
-    """The module of ``mods`` registered last in ``block`` (the forward can stop after it)."""
-    wanted = {id(m) for m in mods}
-    last = None
-    for m in block.modules():
-        if id(m) in wanted:
-            last = m
-    return last
 
 
 def smoothquant_stage(lm: LoadedModel, cfg: SmoothQuantConfig) -> SmoothQuantStage:
