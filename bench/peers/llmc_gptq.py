@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import tempfile
 import time
 
 import torch
@@ -39,6 +40,14 @@ def main() -> None:
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, gguf_file=args.gguf, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir, gguf_file=args.gguf)
+    # llm-compressor re-reads the config from model.name_or_path; a GGUF folder has none, so give it one
+    cfg_dir = tempfile.mkdtemp(prefix="llmc-cfg-")
+    if hasattr(model.config, "quantization_config"):  # the GGUF marker: the weights are fp32 now
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.config.save_pretrained(cfg_dir)
+    tokenizer.save_pretrained(cfg_dir)
+    model.name_or_path = model.config._name_or_path = cfg_dir
     load_s = time.perf_counter() - t0
     strategy = {"strategy": "group", "group_size": args.group} if args.group else {"strategy": "channel"}
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(num_bits=args.bits, type="int", symmetric=True, **strategy))
