@@ -52,10 +52,28 @@ class LazyBlocks:
         self.model.get_submodule(f"{self.prefix}.{i}").to("meta")
         self.offloaded[i] = (Path(path), formats)
         self.loaded.add(i)
+        release_freed_memory()
 
     def ensure_all(self) -> None:
         for i in range(len(self.model.get_submodule(self.prefix))):
             self.ensure(i)
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the last block back to the OS (glibc keeps it in its arenas otherwise).
+
+    Without this the process's RSS stays at its high-water mark even though the float block and
+    the GPTQ temporaries are gone, which is what a memory limit (or a user watching ``top``) sees.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            pass
 
 
 def shard_index(folder: Path) -> dict[str, Path]:

@@ -112,7 +112,7 @@ def gptq_quantize(
 
     Q = torch.zeros(rows, columns, dtype=torch.float32, device=W.device)
     codes = torch.zeros(rows, columns, dtype=torch.uint8, device=W.device)
-    Losses = torch.zeros_like(W)
+    loss = 0.0  # the OBS objective, summed block by block (no full-size loss matrix)
     fitted: list[Params] = []  # dynamic groups, in column order
 
     for i1 in range(0, columns, blocksize):
@@ -145,14 +145,14 @@ def gptq_quantize(
                 W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
                 Err1[:, i] = err1
 
-        Losses[:, i1:i2] = Losses1 / 2
+        loss += float(Losses1.sum()) / 2
         W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])  # the lazy batch update
 
     if dynamic:
         params = {k: torch.cat([p[k] for p in fitted], dim=1) for k in fitted[0]}  # (rows, n_groups, 1)
     invperm = torch.argsort(perm)
     qtensor = QTensor(fmt, (rows, columns), codes[:, invperm].contiguous(), fmt.store_params(params))
-    return GPTQResult(qtensor, Q[:, invperm].contiguous(), float(Losses.sum()), damp_used,
+    return GPTQResult(qtensor, Q[:, invperm].contiguous(), loss, damp_used,
                       int(dead.sum()), warnings)
 
 
