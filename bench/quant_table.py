@@ -54,6 +54,9 @@ def main() -> None:
         with cached_dequant():
             return perplexity(module, ids, args.eval_seq_len, bos_token_id=bos).perplexity
 
+    meta = {k: getattr(args, k) for k in ("model", "eval_data", "eval_tokens", "eval_seq_len", "calib", "calib_samples",
+                                           "calib_seq_len", "threads")}
+    meta.update(load_s=load_s, torch=torch.__version__, machine=os.uname().nodename, cpus=os.cpu_count())
     t = time.perf_counter()
     base = ppl(base_lm.module)
     rows = [{"recipe": "baseline (fp32)", "perplexity": base, "delta_ppl_pct": 0.0, "compress_s": 0.0,
@@ -71,9 +74,7 @@ def main() -> None:
                      "eval_s": time.perf_counter() - t, "bits_per_weight": rep["mean_bits_per_weight"],
                      "warnings": rep["warnings"][:3]})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "warnings"}), flush=True)
-    meta = {k: getattr(args, k) for k in ("model", "eval_data", "eval_tokens", "eval_seq_len", "calib", "calib_samples",
-                                           "calib_seq_len", "threads")}
-    meta.update(load_s=load_s, torch=torch.__version__, machine=os.uname().nodename, cpus=os.cpu_count())
+        write(args.out, meta, rows)  # after every row: a stopped run keeps what it measured
     write(args.out, meta, rows)
 
 
