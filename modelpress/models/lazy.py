@@ -91,13 +91,16 @@ def shard_index(folder: Path) -> dict[str, Path]:
         return {k: single for k in f.keys()}
 
 
-def read_keys(key_to_file: dict[str, Path], prefix: str) -> dict[str, torch.Tensor]:
-    """Tensors whose name starts with ``prefix`` (prefix stripped), read through mmap."""
+def read_keys(key_to_file: dict[str, Path], prefix: str, exclude: str | None = None) -> dict[str, torch.Tensor]:
+    """Tensors whose name starts with ``prefix`` and not ``exclude`` (prefix stripped), read through mmap.
+
+    Only the wanted tensors are touched, so reading the non-block parts never pages in the blocks.
+    """
     from safetensors import safe_open
 
     by_file: dict[Path, list[str]] = {}
     for k, f in key_to_file.items():
-        if k.startswith(prefix):
+        if k.startswith(prefix) and not (exclude and k.startswith(exclude)):
             by_file.setdefault(f, []).append(k)
     out = {}
     for f, keys in by_file.items():
@@ -123,7 +126,7 @@ def load_lazy(folder: str | Path, *, trust_remote_code: bool = False) -> LoadedM
     _meta_blocks(model, prefix, n_layers)
     model.config.num_hidden_layers = n_layers
     keys = shard_index(folder)
-    rest = {k: v for k, v in read_keys(keys, "").items() if not k.startswith(prefix + ".")}
+    rest = read_keys(keys, "", exclude=prefix + ".")
     missing, unexpected = model.load_state_dict(rest, strict=False)
     if unexpected:
         raise ModelpressError(f"{folder}: unexpected tensors {unexpected[:3]}")

@@ -170,16 +170,23 @@ def _check_inputs(W: torch.Tensor, H: torch.Tensor, blocksize: int, percdamp: fl
 
 
 def _inverse_cholesky(H: torch.Tensor, percdamp: float, warnings: list[str]) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + damp I)^-1``; dampening grows tenfold while H is not PD."""
+    """Upper Cholesky factor of ``(H + damp I)^-1``; dampening grows tenfold while H is not PD.
+
+    ``H`` (the caller's private copy) is dampened in place and each intermediate is dropped as soon
+    as the next exists: for a 5632-wide down_proj that is ~250 MB less at the peak.
+    """
     diag = torch.arange(H.shape[0], device=H.device)
     mean_diag = torch.mean(torch.diag(H))
-    tried = []
+    tried, added = [], 0.0
     for _ in range(MAX_DAMP_RETRIES + 1):
-        Hd = H.clone()
-        Hd[diag, diag] += percdamp * mean_diag
-        L, info = torch.linalg.cholesky_ex(Hd)
+        H[diag, diag] += percdamp * mean_diag - added
+        added = float(percdamp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(H)
         if info == 0:
-            Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            inv = torch.cholesky_inverse(L)
+            del L
+            Hinv, info = torch.linalg.cholesky_ex(inv, upper=True)
+            del inv
             if info == 0 and torch.isfinite(Hinv).all():
                 if tried:
                     warnings.append(f"Hessian not positive definite with percdamp={tried[0]:g}; "
