@@ -112,7 +112,7 @@ def capture_first_block_inputs(lm: LoadedModel, calib: torch.Tensor, offload: st
         kwargs.pop("hidden_states", None)
         store.setdefault("kwargs", kwargs)
         if "hidden" not in store:  # (n_samples, seq, d), allocated once the shape is known
-            store["hidden"] = _allocate((calib.shape[0], *x.shape[1:]), x.dtype, offload)
+            store["hidden"] = _allocate((calib.shape[0], *x.shape[1:]), x.dtype, offload, x.device)
         store["hidden"][store.setdefault("n", 0)] = x[0].detach()
         store["n"] += 1
         raise _Stop
@@ -121,9 +121,10 @@ def capture_first_block_inputs(lm: LoadedModel, calib: torch.Tensor, offload: st
     from ..core.progress import track
 
     try:
+        device = next((p.device for p in lm.module.parameters() if not p.is_meta), torch.device("cpu"))
         for row in track(calib, "calibration inputs"):
             try:
-                _call_model(lm.module, row[None])
+                _call_model(lm.module, row[None].to(device))  # the ids go to the model, never the reverse
             except _Stop:
                 pass
     finally:
@@ -141,10 +142,11 @@ def _call_model(model: nn.Module, ids: torch.Tensor) -> Any:
         return model(ids)
 
 
-def _allocate(shape: tuple[int, ...], dtype: torch.dtype, path: str | None) -> torch.Tensor:
-    """A tensor in RAM, or backed by a memory-mapped file at ``path`` (its pages can leave RAM)."""
-    if path is None:
-        return torch.empty(shape, dtype=dtype)
+def _allocate(shape: tuple[int, ...], dtype: torch.dtype, path: str | None,
+              device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """A tensor on ``device``, or (CPU only) backed by a memory-mapped file at ``path``."""
+    if path is None or device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
     n = 1
     for d in shape:
         n *= d
