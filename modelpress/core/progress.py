@@ -1,7 +1,6 @@
 """Progress bars (rich) for every loop over layers, blocks or batches; silent when disabled."""
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from typing import Iterable, Iterator, TypeVar
@@ -31,19 +30,3 @@ def track(items: Iterable[T], description: str) -> Iterator[T]:
             yield it
             prog.advance(task)
 
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """Temporarily run torch ops on ``n`` threads.
-
-    Loops of tiny ops (GPTQ's per-column updates) are slower with several OpenMP threads than with
-    one: the threads spin-wait on every op, worst on a busy shared machine.
-    """
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)

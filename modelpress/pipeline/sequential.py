@@ -163,6 +163,7 @@ class Checkpointer:
     def __init__(self, workdir: str | Path | None, signature: dict[str, Any]) -> None:
         self.dir = Path(workdir) if workdir else None
         self.signature = signature
+        self.formats: dict[str, Any] = {}  # block index -> per-layer formats, as saved in state.json
 
     def _state_path(self) -> Path:
         return self.dir / "state.json"
@@ -191,21 +192,16 @@ class Checkpointer:
         os.replace(self.dir / f"block{next_block - 1}.safetensors.tmp", self.dir / f"block{next_block - 1}.safetensors")
         save_file({"hidden": inputs.hidden.contiguous()}, str(self.dir / "inputs.safetensors.tmp"))
         os.replace(self.dir / "inputs.safetensors.tmp", self.dir / "inputs.safetensors")
-        formats = {k: v for k, v in layer_formats(blk).items()}
+        self.formats[str(next_block - 1)] = layer_formats(blk)
         state = {"signature": self.signature, "next_block": next_block, "layers": [vars(r) for r in ctx.layers],
-                 "warnings": ctx.warnings, "formats": {**self._formats(), str(next_block - 1): formats}}
+                 "warnings": ctx.warnings, "formats": self.formats}
         tmp = self._state_path().with_suffix(".tmp")
         tmp.write_text(json.dumps(state, default=str))
         os.replace(tmp, self._state_path())
 
     def block_formats(self, i: int) -> dict[str, Any]:
         """Per-layer formats (block-relative names) recorded for block ``i``."""
-        return self._formats().get(str(i), {})
-
-    def _formats(self) -> dict[str, Any]:
-        if self.dir is None or not self._state_path().exists():
-            return {}
-        return json.loads(self._state_path().read_text()).get("formats", {})
+        return self.formats.get(str(i), {})
 
     def restore(self, upto: int, lm: LoadedModel, prefix: str, inputs: BlockInputs, ctx: RunContext) -> None:
         """Rebuild blocks [0, upto) from their checkpoints and load the cached inputs of block ``upto``."""
@@ -213,6 +209,7 @@ class Checkpointer:
         from .methods import LayerRecord
 
         state = json.loads(self._state_path().read_text())
+        self.formats = state.get("formats", {})
         for i in range(upto):
             if lm.lazy is not None:  # low memory: leave done blocks on disk
                 lm.lazy.offload(i, self.dir / f"block{i}.safetensors", state["formats"].get(str(i), {}))

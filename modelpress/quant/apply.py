@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..models.layers import is_conv1d, linear_shape, set_submodule
+from ..models.layers import set_submodule
 from ..pipeline.methods import LayerRecord, RunContext
 from .formats.base import QTensor, WeightFormat
 from .granularity import PerGroup, fitting_group_sizes, group_layout
@@ -42,5 +42,3 @@ def record_quantized(ctx: RunContext, method: str, name: str, w: torch.Tensor, q
     ctx.layers.append(rec)
     return rec
 
-
-__all__ = ["install_quantized", "record_quantized", "group_note", "linear_shape", "is_conv1d"]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ....core.errors import ModelpressError
-from ....core.progress import torch_threads
+from ....core.threads import torch_threads
 from ...formats.base import Params, QTensor, WeightFormat
 from ...granularity import PerGroup
 

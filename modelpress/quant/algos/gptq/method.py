@@ -33,7 +33,6 @@ class GPTQConfig(MethodConfig):
     dampening_frac: float = Field(0.01, gt=0, lt=1, description="percdamp: fraction of mean diag(H) added")
     act_order: bool = Field(False, description="quantise columns by decreasing Hessian diagonal (static groups)")
     true_sequential: bool = Field(True, description="within a block, later layers see earlier ones quantised")
-    offload_hessians: bool = False
 
 
 class GPTQStage:
