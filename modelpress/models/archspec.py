@@ -12,6 +12,25 @@ import torch.nn as nn
 
 
 @dataclass(frozen=True)
+class ShapeKeys:
+    """Where a model records its sizes: HF config keys, plus attributes its attention modules cache.
+
+    Structured pruning rewrites these so the model runs, saves and reloads at its smaller size.
+    A key set to None means the architecture cannot represent that size changing (OPT derives the
+    head width from ``hidden_size / num_heads``, so its heads cannot be pruned).
+    """
+
+    heads: str | None = "num_attention_heads"
+    kv_heads: str | None = "num_key_value_heads"
+    head_dim: str | None = "head_dim"  # written explicitly: hidden_size // heads no longer holds
+    intermediate: str | None = "intermediate_size"
+    layers: str = "num_hidden_layers"
+    attn_groups_attr: str | None = "num_key_value_groups"  # query heads per KV head, cached by attention
+    layer_index_attr: str = "layer_idx"  # blocks' KV-cache slot, renumbered when layers are removed
+    per_layer: tuple[str, ...] = ("layer_types",)  # config lists with one entry per layer
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """Data describing one architecture family.
 
@@ -34,6 +53,8 @@ class ArchSpec:
     sequential: tuple[tuple[str, ...], ...] = ()
     # the weight of these layers is stored (in, out) (HF Conv1D) rather than nn.Linear's (out, in)
     transposed: bool = False
+    # config keys holding the sizes structured pruning changes (None: not supported)
+    shapes: ShapeKeys | None = None
 
 
 _LLAMA_ROLES = {
@@ -58,6 +79,7 @@ LLAMA = ArchSpec(
         ("up_proj", ("down_proj",)),
     ),
     sequential=(("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)),
+    shapes=ShapeKeys(),
 )
 
 GPT2 = ArchSpec(

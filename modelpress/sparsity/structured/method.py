@@ -1,0 +1,209 @@
+"""Structured pruning as a recipe stage: scores from the sequential engine, surgery in ``shrink.py``.
+
+For each decoder block, on its cached calibration inputs: a Hessian of ``o_proj``'s input (heads)
+and the sum of squares of ``down_proj``'s input (neurons) are collected through capture hooks; the
+lowest-scoring units are removed; when layers are to go, the block's influence is measured on the
+pruned block. The engine then propagates the *pruned* block's outputs, so later blocks are scored
+on what they will see. Whole layers are removed after the pass, the config last.
+
+Sizes stay uniform per layer (HF configs hold one ``num_attention_heads`` / ``intermediate_size``
+for all layers); which heads and neurons go is chosen per layer.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from pydantic import Field
+
+from ...calib.capture import capture_inputs
+from ...calib.stats import ActStatsAccumulator, HessianAccumulator
+from ...core.errors import ModelpressError
+from ...models.archspec import blocks_path, get_blocks, get_submodule
+from ...models.loading import LoadedModel
+from ...pipeline.methods import METHODS, LayerRecord, MethodConfig, MethodEntry, RunContext
+from ...pipeline.sequential import BlockInputs, last_module, run_sequential
+from ..patterns import Structured
+from .scores import (BlockInfluence, GQAMode, Score, count_to_remove, heads_to_remove, lowest, neuron_scores,
+                     random_scores, unit_scores)
+from .shrink import HeadLayout, head_layout, remove_layers, set_sizes, shape_keys, shrink_heads, shrink_mlp
+
+
+class StructuredConfig(MethodConfig):
+    """Remove whole heads, MLP neurons, decoder layers (or Conv2d channels) so matrices shrink.
+
+    Example:
+        >>> StructuredConfig(heads_fraction=0.25, mlp_fraction=0.25).score
+        'activation'
+    """
+
+    method: Literal["structured"] = "structured"
+    heads_fraction: float = Field(0.0, ge=0, lt=1, description="fraction of attention heads removed per layer")
+    mlp_fraction: float = Field(0.0, ge=0, lt=1, description="fraction of MLP neurons removed per layer")
+    layers: int = Field(0, ge=0, description="whole decoder layers removed (lowest block influence)")
+    channels_fraction: float = Field(0.0, ge=0, lt=1, description="Conv2d output channels removed (CNNs)")
+    score: Score = Field("activation", description="activation (calibrated), magnitude (weights only) or random")
+    gqa: GQAMode = Field("query", description="query: the same number of query heads from each K/V group; "
+                                              "kv: whole K/V groups")
+    seed: int = Field(0, description="seed of the random score")
+
+    def needs_data(self) -> bool:
+        """Calibration is needed for activation scores and for ranking layers by influence."""
+        return (self.score == "activation" and (self.heads_fraction or self.mlp_fraction)) or (
+            self.layers > 0 and self.score != "random")
+
+
+class StructuredStage:
+    """Per-block scoring and surgery on the sequential engine (or without data for weight/random scores)."""
+
+    def __init__(self, cfg: StructuredConfig, layout: HeadLayout | None, inter: int | None) -> None:
+        self.cfg, self.layout, self.inter = cfg, layout, inter
+        self.new_layout: HeadLayout | None = None
+        self.new_inter: int | None = None
+        self.influence: dict[int, float] = {}
+
+    def process_block(self, lm: LoadedModel, index: int, block: nn.Module, prefix: str,
+                      inputs: BlockInputs | None, ctx: RunContext) -> None:
+        cfg, spec = self.cfg, lm.spec
+        o = block.get_submodule(spec.roles["o_proj"]) if cfg.heads_fraction else None
+        down = block.get_submodule(spec.roles["down_proj"]) if cfg.mlp_fraction else None
+        H, sq = self._observe(block, o, down, inputs)
+        if o is not None:
+            n, d = self.layout.heads, self.layout.head_dim
+            if cfg.score == "random":
+                hs, gs = random_scores(n, cfg.seed + 2 * index), random_scores(self.layout.kv_heads, cfg.seed + 2 * index)
+            else:
+                hs, gs = unit_scores(o.weight.float(), H, d), unit_scores(o.weight.float(), H, d * self.layout.group)
+            drop = heads_to_remove(hs, gs, cfg.heads_fraction, cfg.gqa)
+            self.new_layout = shrink_heads(block, spec, self.layout, drop, prefix)
+            self._record(ctx, f"{prefix}.{spec.roles['o_proj']}", "heads", "attention heads", o, drop)
+        if down is not None:
+            sc = (random_scores(self.inter, cfg.seed + 2 * index + 1) if cfg.score == "random"
+                  else neuron_scores(down.weight.float(), sq))
+            drop = lowest(sc, count_to_remove(cfg.mlp_fraction, self.inter, f"{prefix}: MLP neurons"))
+            self.new_inter = shrink_mlp(block, spec, self.inter, drop, prefix)
+            self._record(ctx, f"{prefix}.{spec.roles['down_proj']}", "channels", "MLP neurons", down, drop)
+        if cfg.layers and cfg.score != "random":
+            self.influence[index] = block_influence(block, inputs)
+
+    def _observe(self, block: nn.Module, o: nn.Module | None, down: nn.Module | None,
+                 inputs: BlockInputs | None) -> tuple:
+        """Gram matrix of o_proj's input and per-neuron sum of squares of down_proj's input."""
+        if self.cfg.score != "activation" or (o is None and down is None):
+            return None, None
+        accs: dict[str, object] = {}
+        mods = {k: m for k, m in (("o", o), ("down", down)) if m is not None}
+        if o is not None:
+            accs["o"] = HessianAccumulator(o.in_features)
+        if down is not None:
+            accs["down"] = ActStatsAccumulator(down.in_features)
+        with capture_inputs(mods, lambda k, x: accs[k].update(x.float())):
+            inputs.run(block, stop_after=last_module(block, mods.values()))
+        return (accs["o"].H if o is not None else None), (accs["down"].sq_sum if down is not None else None)
+
+    @staticmethod
+    def _record(ctx: RunContext, name: str, kind: str, unit: str, layer: nn.Linear, drop: list[int]) -> None:
+        ctx.layers.append(LayerRecord(name, "structured", {"pattern": Structured(kind=kind).to_dict(), "unit": unit,
+                                                           "removed": drop}, tuple(layer.weight.shape),
+                                      notes=[f"removed {len(drop)} {unit}"]))
+
+
+def block_influence(block: nn.Module, inputs: BlockInputs) -> float:
+    """``1 - mean cos(input, output)`` of ``block`` over the cached calibration tokens."""
+    bi = BlockInfluence()
+
+    def hook(_m: nn.Module, args: tuple, kwargs: dict, out: object) -> None:
+        x = args[0] if args else kwargs["hidden_states"]
+        bi.update(x, out[0] if isinstance(out, tuple) else out)
+
+    handle = block.register_forward_hook(hook, with_kwargs=True)
+    try:
+        inputs.run(block)
+    finally:
+        handle.remove()
+    return bi.value
+
+
+def run_structured(lm: LoadedModel, cfg: StructuredConfig, ctx: RunContext) -> None:
+    """Prune ``lm`` in place as ``cfg`` says (see the module docstring)."""
+    if cfg.targets != ["re:.*"] or cfg.ignore != ["lm_head"]:
+        raise ModelpressError("structured: targets/ignore are not supported: every decoder block is pruned alike "
+                              "(HF configs hold one size for all layers)")
+    blocks = get_blocks(lm.module, lm.spec) if lm.spec else []
+    if not blocks:
+        return _run_conv(lm, cfg, ctx)
+    if cfg.channels_fraction:
+        raise ModelpressError("structured: channels_fraction applies to Conv2d networks; for decoder models "
+                              "use heads_fraction / mlp_fraction / layers")
+    stage = _plan(lm, cfg, blocks, ctx)
+    prefix = blocks_path(lm.module, lm.spec)
+    if cfg.needs_data():
+        if ctx.calib is None:
+            raise ModelpressError(f"structured with score {cfg.score!r} needs calibration data (--calib FILE)")
+        offload = str(Path(ctx.workdir) / "activations.bin") if ctx.offload_activations and ctx.workdir else None
+        if ctx.workdir:
+            ctx.warn("structured pruning changes block shapes, so it keeps no per-block checkpoints")
+        run_sequential(lm, [(stage, "structured")], dataclasses.replace(ctx, workdir=None), offload=offload)
+    else:
+        for i in ctx.iterate(list(range(len(blocks))), "blocks"):
+            stage.process_block(lm, i, blocks[i], f"{prefix}.{i}", None, ctx)
+    set_sizes(lm.module, lm.spec, heads=stage.new_layout, intermediate=stage.new_inter)
+    if cfg.layers:
+        _drop_layers(lm, cfg, stage, len(blocks), prefix, ctx)
+
+
+def _plan(lm: LoadedModel, cfg: StructuredConfig, blocks: list[nn.Module], ctx: RunContext) -> StructuredStage:
+    """Check every request against the model before any work; note rounded fractions."""
+    layout = head_layout(lm.module, lm.spec) if cfg.heads_fraction else None
+    inter = None
+    if cfg.mlp_fraction:
+        keys = shape_keys(lm.spec, "MLP neurons")
+        down = get_submodule(blocks[0], lm.spec.roles.get("down_proj", ""))
+        inter = int(getattr(lm.module.config, keys.intermediate or "", 0) or down.in_features)
+        count_to_remove(cfg.mlp_fraction, inter, "MLP neurons")
+    if layout is not None:
+        drop = heads_to_remove(torch.zeros(layout.heads), torch.zeros(layout.kv_heads), cfg.heads_fraction, cfg.gqa)
+        if abs(len(drop) / layout.heads - cfg.heads_fraction) > 1e-9:
+            ctx.warn(f"structured: heads_fraction {cfg.heads_fraction} of {layout.heads} heads in {layout.kv_heads} "
+                     f"K/V groups removes {len(drop)} per layer ({len(drop) / layout.heads:.1%}), the nearest "
+                     f"grouped-query attention allows with gqa={cfg.gqa!r}")
+    if cfg.layers >= len(blocks):
+        raise ModelpressError(f"structured: cannot remove {cfg.layers} of the model's {len(blocks)} decoder layers")
+    if cfg.layers:
+        shape_keys(lm.spec, "decoder layers")
+    return StructuredStage(cfg, layout, inter)
+
+
+def _drop_layers(lm: LoadedModel, cfg: StructuredConfig, stage: StructuredStage, n: int, prefix: str,
+                 ctx: RunContext) -> None:
+    scores = (random_scores(n, cfg.seed + 10_007) if cfg.score == "random"
+              else torch.tensor([stage.influence[i] for i in range(n)]))
+    drop = lowest(scores, cfg.layers)
+    remove_layers(lm, drop)
+    bi = {i: round(stage.influence[i], 5) for i in drop} if stage.influence else {}
+    ctx.layers.append(LayerRecord(prefix, "structured", {"pattern": Structured(kind="layers").to_dict(),
+                                                         "unit": "decoder layers", "removed": drop},
+                                  notes=[f"removed layers {drop}" + (f" (block influence {bi})" if bi else "")]))
+
+
+def _run_conv(lm: LoadedModel, cfg: StructuredConfig, ctx: RunContext) -> None:
+    if cfg.heads_fraction or cfg.mlp_fraction or cfg.layers:
+        raise ModelpressError(f"structured: heads/MLP/layer pruning needs a known decoder architecture; "
+                              f"{type(lm.module).__name__} has none (channels_fraction prunes Conv2d networks)")
+    from .conv import prune_conv_channels
+
+    res = prune_conv_channels(lm.module, cfg.channels_fraction, score=cfg.score, example_inputs=ctx.calib,
+                              seed=cfg.seed)
+    for conv, removed in res.removed.items():
+        ctx.layers.append(LayerRecord(conv, "structured", {"pattern": Structured(kind="channels").to_dict(),
+                                                           "unit": "Conv2d channels", "removed": removed},
+                                      tuple(lm.module.get_submodule(conv).weight.shape[:2]),
+                                      notes=[f"removed {len(removed)} Conv2d channels"]))
+    for w in res.skipped:
+        ctx.warn(w)
+
+METHODS.register("structured")(MethodEntry(StructuredConfig, run_structured, needs_calibration=False,
+                                           summary="structured pruning: heads, MLP neurons, layers, Conv2d channels"))
