@@ -45,29 +45,47 @@ class BlockInputs:
     hidden: torch.Tensor  # (n_samples, seq, hidden)
     kwargs: dict[str, Any]
     batch_size: int = 1  # samples per block forward; kwargs (masks, rotary tables) broadcast over it
+    on_disk: bool = False  # hidden is a memory-mapped file: keep other activation copies out of RAM too
 
     def batches(self) -> Iterator[torch.Tensor]:
         for s in range(0, self.hidden.shape[0], self.batch_size):
             yield self.hidden[s:s + self.batch_size]
 
-    def run(self, block: nn.Module, stop_after: nn.Module | None = None, max_batches: int | None = None) -> None:
+    def run(self, block: nn.Module, stop_after: nn.Module | None = None, max_batches: int | None = None,
+            *, stop_before: nn.Module | None = None, record: nn.Module | None = None) -> "SubInputs | None":
         """Forward every cached sample through ``block`` (hooks observe; outputs dropped).
 
-        ``stop_after`` ends each forward once that submodule has run (cheaper observation);
+        ``stop_before`` ends each forward when that submodule is called (after the input-capture
+        pre-hooks registered earlier have seen its input); ``stop_after`` once it has run.
         ``max_batches`` limits the run to the first batches (a sample is enough for some searches).
+        ``record`` keeps the inputs of that submodule, batch by batch, so a later observation
+        that only needs its inside can replay it (:class:`SubInputs`) instead of the whole block;
+        returns ``None`` when the forward stopped before reaching it.
         """
-        handle = stop_after.register_forward_hook(_raise_stop) if stop_after is not None else None
+        handles = []
+        calls: list[tuple[tuple, dict]] = []
+        if record is not None:
+            handles.append(record.register_forward_pre_hook(
+                lambda _m, a, kw: calls.append((tuple(t.detach() if torch.is_tensor(t) else t for t in a),
+                                                dict(kw))), with_kwargs=True))
+        if stop_before is not None:
+            handles.append(stop_before.register_forward_pre_hook(_raise_stop))
+        if stop_after is not None:
+            handles.append(stop_after.register_forward_hook(_raise_stop))
+        n_batches = 0
         try:
             for b, x in enumerate(self.batches()):
                 if max_batches is not None and b >= max_batches:
                     break
+                n_batches += 1
                 try:
                     block(x, **self.kwargs)
                 except _Stop:
                     pass
         finally:
-            if handle is not None:
-                handle.remove()
+            for h in handles:
+                h.remove()
+        return SubInputs(calls) if record is not None and len(calls) == n_batches else None
 
     def propagate(self, block: nn.Module) -> None:
         """Replace the cached inputs by ``block``'s outputs (inputs of the next block)."""
@@ -76,8 +94,50 @@ class BlockInputs:
             self.hidden[s:s + self.batch_size] = out[0] if isinstance(out, tuple) else out
 
 
+@dataclass
+class SubInputs:
+    """Recorded inputs of one submodule of a block (e.g. the MLP), one call per cached batch.
+
+    Replaying the submodule from these is exact as long as nothing *outside* it changed since
+    they were recorded; the engine's callers only record a submodule that contains every layer
+    they modify in between.
+    """
+
+    calls: list[tuple[tuple, dict]]
+
+    def run(self, module: nn.Module, *, stop_before: nn.Module | None = None) -> None:
+        """Call ``module`` on every recorded input (hooks observe; outputs dropped)."""
+        handle = stop_before.register_forward_pre_hook(_raise_stop) if stop_before is not None else None
+        try:
+            for args, kwargs in self.calls:
+                try:
+                    module(*args, **kwargs)
+                except _Stop:
+                    pass
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for a, _ in self.calls for t in a if torch.is_tensor(t))
+
+
 def _raise_stop(*_: Any) -> None:
     raise _Stop
+
+
+def common_ancestor(block: nn.Module, modules: Iterable[nn.Module]) -> nn.Module | None:
+    """The deepest submodule of ``block`` (not ``block`` itself) that contains every one of ``modules``."""
+    wanted = {id(m) for m in modules}
+    best, best_depth = None, -1
+    for name, m in block.named_modules():
+        if not name:
+            continue
+        inside = {id(x) for x in m.modules()}
+        depth = name.count(".")
+        if wanted <= inside and depth > best_depth:
+            best, best_depth = m, depth
+    return best
 
 
 def last_module(block: nn.Module, modules: Iterable[nn.Module]) -> nn.Module | None:
@@ -132,7 +192,7 @@ def capture_first_block_inputs(lm: LoadedModel, calib: torch.Tensor, offload: st
     hidden = store["hidden"]
     kwargs = {k: v for k, v in store["kwargs"].items() if k not in ("past_key_value", "past_key_values", "use_cache")}
     batch = max(1, 4096 // hidden.shape[1])  # ~4k tokens per forward: fewer calls, bounded memory
-    return BlockInputs(hidden, kwargs, batch_size=batch)
+    return BlockInputs(hidden, kwargs, batch_size=batch, on_disk=offload is not None)
 
 
 def _call_model(model: nn.Module, ids: torch.Tensor) -> Any:

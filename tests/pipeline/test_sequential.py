@@ -92,3 +92,23 @@ def test_offloaded_activation_cache_gives_identical_result(tmp_path, calib):
     mp.apply(off, RECIPE, calib=calib, progress=False, workdir=tmp_path / "w", offload_activations=True)
     a, b = _packed(ref.module), _packed(off.module)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_true_sequential_replays_submodules_with_identical_result(calib, monkeypatch):
+    """q/k/v -> o and gate/up -> down replay the attention / MLP from recorded inputs: same codes, fewer block calls."""
+    from modelpress.quant.algos.gptq import method as gptq_method
+
+    def run(max_bytes):
+        monkeypatch.setattr(gptq_method, "REPLAY_MAX_BYTES", max_bytes)
+        lm = mp.load(make_tiny_llama(seed=11, layers=2))
+        calls = []
+        for blk in lm.module.model.layers:
+            blk.register_forward_pre_hook(lambda *_: calls.append(1))
+        mp.apply(lm, RECIPE, calib=calib, progress=False)
+        return _packed(lm.module), len(calls)
+
+    (a, n_replay), (b, n_full) = run(2 << 30), run(0)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    n_batches = 1  # 6 samples x 32 tokens fit one ~4k-token batch
+    # without replay: 4 group passes + 1 propagation per block; with it: 2 + 1 (capture calls excluded)
+    assert n_full - n_replay == 2 * 2 * n_batches

@@ -160,7 +160,7 @@ class AWQStage:
         stride = max(1, math.ceil(n_tok / self.cfg.max_tokens))
         samples = {n: _InputSample(linear_shape(m)[1], stride, self.cfg.max_tokens) for n, m in mods.items()}
         with capture_inputs(mods, lambda n, x: samples[n].update(x)):
-            inputs.run(block, stop_after=last_module(block, mods.values()))
+            inputs.run(block, stop_before=last_module(block, mods.values()))  # pre-hooks have seen it
         return samples
 
     # ---- clipping and rounding ----------------------------------------------------------------

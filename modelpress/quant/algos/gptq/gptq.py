@@ -110,8 +110,12 @@ def gptq_quantize(
     Hinv, damp_used = _inverse_cholesky(H, percdamp, warnings)
     del H
 
-    Q = torch.zeros(rows, columns, dtype=torch.float32, device=W.device)
-    codes = torch.zeros(rows, columns, dtype=torch.uint8, device=W.device)
+    # Column-major working copies: the loop reads and updates whole columns, which are contiguous
+    # rows here (about 2x faster than strided column access on CPU). Same arithmetic as the paper.
+    WT = W.T.contiguous()  # (columns, rows)
+    del W
+    QT = torch.zeros(columns, rows, dtype=torch.float32, device=WT.device)
+    codesT = torch.zeros(columns, rows, dtype=torch.uint8, device=WT.device)
     loss = 0.0  # the OBS objective, summed block by block (no full-size loss matrix)
     fitted: list[Params] = []  # dynamic groups, in column order
 
@@ -119,40 +123,40 @@ def gptq_quantize(
         i2 = min(i1 + blocksize, columns)
         count = i2 - i1
 
-        W1 = W[:, i1:i2].clone()  # (rows, count)
+        W1 = WT[i1:i2].clone()  # (count, rows)
         Err1 = torch.zeros_like(W1)
         Losses1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]  # (count, count)
 
         with torch_threads(1):  # tiny per-column ops: one thread avoids OpenMP spin-waits
             for i in range(count):
-                w = W1[:, i]  # (rows,)
+                w = W1[i]  # (rows,)
                 d = Hinv1[i, i]
 
                 if dynamic and (i1 + i) % groupsize == 0:
-                    Wg = _current_columns(W, W1, Err1, Hinv, i1, i, min(i1 + i + groupsize, columns))
-                    Wg = F.pad(Wg, (0, groupsize - Wg.shape[1]))  # (rows, G), zero padded as fmt.grouped does
+                    Wg = _current_columns(WT, W1, Err1, Hinv, i1, i, min(i1 + i + groupsize, columns))
+                    Wg = F.pad(Wg.T, (0, groupsize - Wg.shape[0]))  # (rows, G), zero padded as fmt.grouped does
                     fitted.append(fmt.roundtrip_params(fmt.fit(Wg.unsqueeze(1))))
                 p = fitted[-1] if dynamic else _group_params(params, group_of[i1 + i])
 
                 c, q = _quantize_column(fmt, w, p)
-                codes[:, i1 + i] = c
-                Q[:, i1 + i] = q
+                codesT[i1 + i] = c
+                QT[i1 + i] = q
                 q = q.to(dtype)
-                Losses1[:, i] = (w - q) ** 2 / d**2
+                Losses1[i] = (w - q) ** 2 / d**2
 
                 err1 = (w - q) / d  # (rows,)
-                W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-                Err1[:, i] = err1
+                W1[i:] -= Hinv1[i, i:].unsqueeze(1) * err1.unsqueeze(0)  # rank-1 OBS update
+                Err1[i] = err1
 
         loss += float(Losses1.sum()) / 2
-        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])  # the lazy batch update
+        WT[i2:] -= Hinv[i1:i2, i2:].T.matmul(Err1)  # the lazy batch update
 
     if dynamic:
         params = {k: torch.cat([p[k] for p in fitted], dim=1) for k in fitted[0]}  # (rows, n_groups, 1)
     invperm = torch.argsort(perm)
-    qtensor = QTensor(fmt, (rows, columns), codes[:, invperm].contiguous(), fmt.store_params(params))
-    return GPTQResult(qtensor, Q[:, invperm].contiguous(), loss, damp_used,
+    qtensor = QTensor(fmt, (rows, columns), codesT[invperm].T.contiguous(), fmt.store_params(params))
+    return GPTQResult(qtensor, QT[invperm].T.contiguous(), loss, damp_used,
                       int(dead.sum()), warnings)
 
 
@@ -197,20 +201,20 @@ def _inverse_cholesky(H: torch.Tensor, percdamp: float, warnings: list[str]) -> 
     raise ModelpressError(f"gptq: Hessian not positive definite even with percdamp={tried[-1]:g}")
 
 
-def _current_columns(W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, Hinv: torch.Tensor,
+def _current_columns(WT: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, Hinv: torch.Tensor,
                      i1: int, i: int, j2: int) -> torch.Tensor:
-    """Columns ``i1 + i .. j2`` of W with every update so far applied, (rows, j2 - i1 - i).
+    """Columns ``i1 + i .. j2`` of W with every update so far applied, as rows: (j2 - i1 - i, rows).
 
     Columns past the current block have not yet received this block's lazy update; apply the part
     owed by its first ``i`` columns so a group straddling blocks is fitted on the same weights
     whatever the blocksize.
     """
-    i2 = i1 + W1.shape[1]
-    inside = W1[:, i : min(j2, i2) - i1]
+    i2 = i1 + W1.shape[0]
+    inside = W1[i : min(j2, i2) - i1]
     if j2 <= i2:
         return inside
-    outside = W[:, i2:j2] - Err1[:, :i].matmul(Hinv[i1 : i1 + i, i2:j2])
-    return torch.cat([inside, outside], dim=1)
+    outside = WT[i2:j2] - Hinv[i1 : i1 + i, i2:j2].T.matmul(Err1[:i])
+    return torch.cat([inside, outside], dim=0)
 
 
 def _group_params(params: Params, g: int) -> Params:

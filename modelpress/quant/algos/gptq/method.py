@@ -11,7 +11,7 @@ from ....calib.capture import capture_inputs
 from ....calib.stats import HessianAccumulator
 from ....models.loading import LoadedModel
 from ....pipeline.methods import METHODS, MethodConfig, MethodEntry, RunContext, layer_weight, select_layers
-from ....pipeline.sequential import BlockInputs, last_module
+from ....pipeline.sequential import BlockInputs, SubInputs, common_ancestor, last_module
 from ...apply import install_quantized, record_quantized
 from ...fields import FormatField
 from ...formats import IntFormat, QTensor, WeightFormat
@@ -57,14 +57,25 @@ class GPTQStage:
     def process_block(self, lm: LoadedModel, index: int, block: nn.Module, prefix: str,
                       inputs: BlockInputs, ctx: RunContext) -> None:
         names = [n for n in sorted(self.selected) if n.startswith(prefix + ".")]
-        for group in self._groups(lm, prefix, names):
+        groups = self._groups(lm, prefix, names)
+        replay: tuple[str, nn.Module, SubInputs] | None = None  # (name, submodule, its recorded inputs)
+        for k, group in enumerate(groups):
             mods = {n: lm.module.get_submodule(n) for n in group}
             sets = self._shared_input_sets(lm, prefix, group)  # q/k/v read one tensor: one Hessian
             accs = {s[0]: HessianAccumulator(layer_weight(s[0], mods[s[0]]).shape[1]) for s in sets}
+            stop = last_module(block, [mods[n] for n in accs])
             with capture_inputs({n: mods[n] for n in accs}, lambda n, x: accs[n].update(x.float())):
-                inputs.run(block, stop_after=last_module(block, mods.values()))
-            for names_ in sets:
+                if replay is not None and _inside(replay[0], group):
+                    replay[2].run(replay[1], stop_before=stop)  # e.g. only the MLP, not the whole block
+                else:
+                    nxt = groups[k + 1] if k + 1 < len(groups) else []
+                    target = _replay_target(lm, block, prefix, group + nxt, inputs) if nxt else None
+                    sub = inputs.run(block, stop_before=stop, record=target and target[1])
+                    replay = (*target, sub) if target and sub is not None else None
+            for names_ in sets:  # (replaces the layers by quantised ones: compare by name below)
                 self._quantize_set(lm, {n: mods[n] for n in names_}, accs[names_[0]], ctx)
+            if replay is not None and not _inside(replay[0], group):
+                replay = None  # a layer outside the recorded module changed: its inputs are stale
 
     def _shared_input_sets(self, lm: LoadedModel, prefix: str, group: list[str]) -> list[list[str]]:
         """Split ``group`` into sets of layers that read the same input (from the ArchSpec mappings).
@@ -108,6 +119,32 @@ class GPTQStage:
                 ctx.warn(f"{n}: {w}")
             install_quantized(lm.module, n, m, qt)
             record_quantized(ctx, "gptq", n, Ws[n], qt, Q, out_rel_error=_output_error(Ws[n], Q, H))
+
+
+def _inside(parent: str, names: list[str]) -> bool:
+    return all(n.startswith(parent + ".") for n in names)
+
+
+#: Replay a submodule only while its recorded inputs stay this small (they sit in RAM).
+REPLAY_MAX_BYTES = 2 << 30
+
+
+def _replay_target(lm: LoadedModel, block: nn.Module, prefix: str, names: list[str],
+                   inputs: BlockInputs) -> tuple[str, nn.Module] | None:
+    """The submodule whose inputs to record now so the next group's pass can replay just it.
+
+    True-sequential GPTQ observes each group on the block with the earlier groups already
+    quantised. When this group and the next (``names``) lie in one submodule (q/k/v then o in
+    the attention, gate/up then down in the MLP), that submodule's inputs do not depend on
+    them, so the next pass can start from its recorded inputs instead of from the block's.
+    """
+    if inputs.on_disk or inputs.hidden.numel() * inputs.hidden.element_size() > REPLAY_MAX_BYTES:
+        return None
+    target = common_ancestor(block, [lm.module.get_submodule(n) for n in names])
+    if target is None:
+        return None
+    rel = next(n for n, m in block.named_modules() if m is target)
+    return f"{prefix}.{rel}", target
 
 
 def _row_wise(fmt: WeightFormat) -> bool:

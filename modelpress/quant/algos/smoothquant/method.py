@@ -86,7 +86,7 @@ class SmoothQuantStage:
         firsts = {mp.linears[0][0]: mp.linears[0][1] for mp in maps}
         accs = {n: ActStatsAccumulator(linear_weight(m).shape[1]) for n, m in firsts.items()}
         with capture_inputs(firsts, lambda n, x: accs[n].update(x.float())):
-            inputs.run(block, stop_after=last_module(block, firsts.values()))
+            inputs.run(block, stop_before=last_module(block, firsts.values()))  # pre-hooks have seen it
         return {n: acc.max_abs for n, acc in accs.items()}
 
     def _smooth(self, mp: _Mapping, act_max: torch.Tensor, ctx: RunContext) -> None:
