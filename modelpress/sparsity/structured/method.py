@@ -1,10 +1,14 @@
 """Structured pruning as a recipe stage: scores from the sequential engine, surgery in ``shrink.py``.
 
-For each decoder block, on its cached calibration inputs: a Hessian of ``o_proj``'s input (heads)
-and the sum of squares of ``down_proj``'s input (neurons) are collected through capture hooks; the
-lowest-scoring units are removed; when layers are to go, the block's influence is measured on the
-pruned block. The engine then propagates the *pruned* block's outputs, so later blocks are scored
-on what they will see. Whole layers are removed after the pass, the config last.
+For each decoder block, on its cached calibration inputs (true-sequential inside the block):
+
+1. heads: the Gram matrix of ``o_proj``'s input is collected through a capture hook, the
+   lowest-scoring heads go (optionally ``o_proj`` is refit by least squares on the kept heads);
+2. MLP neurons: the same on ``down_proj``'s input, observed with the block's attention already pruned;
+3. when layers are to go, the pruned block's influence (1 - cos(input, output)) is measured.
+
+The engine then propagates the *pruned* block's outputs, so later blocks are scored on what they
+will see. Whole layers are removed after the pass, the config last.
 
 Sizes stay uniform per layer (HF configs hold one ``num_attention_heads`` / ``intermediate_size``
 for all layers); which heads and neurons go is chosen per layer.
@@ -28,7 +32,7 @@ from ...pipeline.methods import METHODS, LayerRecord, MethodConfig, MethodEntry,
 from ...pipeline.sequential import BlockInputs, last_module, run_sequential
 from ..patterns import Structured
 from .scores import (BlockInfluence, GQAMode, Score, count_to_remove, heads_to_remove, lowest, neuron_scores,
-                     random_scores, unit_scores)
+                     random_scores, refit_columns, unit_scores)
 from .shrink import HeadLayout, head_layout, remove_layers, set_sizes, shape_keys, shrink_heads, shrink_mlp
 
 
@@ -49,11 +53,14 @@ class StructuredConfig(MethodConfig):
     gqa: GQAMode = Field("query", description="query: the same number of query heads from each K/V group; "
                                               "kv: whole K/V groups")
     seed: int = Field(0, description="seed of the random score")
+    reconstruct: bool = Field(False, description="refit the kept columns of o_proj / down_proj by least squares on "
+                                                 "the calibration inputs (one-shot compensation, no training)")
+    dampening_frac: float = Field(0.01, gt=0, lt=1, description="ridge term of the refit: fraction of mean diag(H)")
 
     def needs_data(self) -> bool:
-        """Calibration is needed for activation scores and for ranking layers by influence."""
-        return (self.score == "activation" and (self.heads_fraction or self.mlp_fraction)) or (
-            self.layers > 0 and self.score != "random")
+        """Calibration is needed for activation scores, the refit, and ranking layers by influence."""
+        units = bool(self.heads_fraction or self.mlp_fraction)
+        return (units and (self.score == "activation" or self.reconstruct)) or (self.layers > 0 and self.score != "random")
 
 
 class StructuredStage:
@@ -67,42 +74,62 @@ class StructuredStage:
 
     def process_block(self, lm: LoadedModel, index: int, block: nn.Module, prefix: str,
                       inputs: BlockInputs | None, ctx: RunContext) -> None:
+        """Heads first, then the MLP observed on the pruned attention's outputs (true-sequential)."""
         cfg, spec = self.cfg, lm.spec
-        o = block.get_submodule(spec.roles["o_proj"]) if cfg.heads_fraction else None
-        down = block.get_submodule(spec.roles["down_proj"]) if cfg.mlp_fraction else None
-        H, sq = self._observe(block, o, down, inputs)
-        if o is not None:
-            n, d = self.layout.heads, self.layout.head_dim
-            if cfg.score == "random":
-                hs, gs = random_scores(n, cfg.seed + 2 * index), random_scores(self.layout.kv_heads, cfg.seed + 2 * index)
-            else:
-                hs, gs = unit_scores(o.weight.float(), H, d), unit_scores(o.weight.float(), H, d * self.layout.group)
-            drop = heads_to_remove(hs, gs, cfg.heads_fraction, cfg.gqa)
-            self.new_layout = shrink_heads(block, spec, self.layout, drop, prefix)
-            self._record(ctx, f"{prefix}.{spec.roles['o_proj']}", "heads", "attention heads", o, drop)
-        if down is not None:
-            sc = (random_scores(self.inter, cfg.seed + 2 * index + 1) if cfg.score == "random"
-                  else neuron_scores(down.weight.float(), sq))
-            drop = lowest(sc, count_to_remove(cfg.mlp_fraction, self.inter, f"{prefix}: MLP neurons"))
-            self.new_inter = shrink_mlp(block, spec, self.inter, drop, prefix)
-            self._record(ctx, f"{prefix}.{spec.roles['down_proj']}", "channels", "MLP neurons", down, drop)
+        if cfg.heads_fraction:
+            self._prune_heads(index, block, f"{prefix}.{spec.roles['o_proj']}", spec, inputs, ctx)
+        if cfg.mlp_fraction:
+            self._prune_mlp(index, block, f"{prefix}.{spec.roles['down_proj']}", spec, inputs, ctx)
         if cfg.layers and cfg.score != "random":
             self.influence[index] = block_influence(block, inputs)
 
-    def _observe(self, block: nn.Module, o: nn.Module | None, down: nn.Module | None,
-                 inputs: BlockInputs | None) -> tuple:
-        """Gram matrix of o_proj's input and per-neuron sum of squares of down_proj's input."""
-        if self.cfg.score != "activation" or (o is None and down is None):
-            return None, None
-        accs: dict[str, object] = {}
-        mods = {k: m for k, m in (("o", o), ("down", down)) if m is not None}
-        if o is not None:
-            accs["o"] = HessianAccumulator(o.in_features)
-        if down is not None:
-            accs["down"] = ActStatsAccumulator(down.in_features)
-        with capture_inputs(mods, lambda k, x: accs[k].update(x.float())):
-            inputs.run(block, stop_after=last_module(block, mods.values()))
-        return (accs["o"].H if o is not None else None), (accs["down"].sq_sum if down is not None else None)
+    def _prune_heads(self, index: int, block: nn.Module, name: str, spec, inputs: BlockInputs | None,
+                     ctx: RunContext) -> None:
+        cfg, L = self.cfg, self.layout
+        o = block.get_submodule(spec.roles["o_proj"])
+        H = self._stats(block, o, inputs, full=True)  # (heads*d, heads*d) or None
+        W = o.weight.detach().float().clone()  # (hidden, heads*d) before pruning
+        if cfg.score == "random":
+            hs, gs = random_scores(L.heads, cfg.seed + 2 * index), random_scores(L.kv_heads, cfg.seed + 2 * index)
+        else:
+            G = H if cfg.score == "activation" else None
+            hs, gs = unit_scores(W, G, L.head_dim), unit_scores(W, G, L.head_dim * L.group)
+        drop = heads_to_remove(hs, gs, cfg.heads_fraction, cfg.gqa)
+        self.new_layout = shrink_heads(block, spec, L, drop, name.rpartition(".")[0])
+        if cfg.reconstruct:
+            keep = torch.tensor([c for c in range(W.shape[1]) if c // L.head_dim not in set(drop)])
+            o.weight.data = refit_columns(W, H, keep, cfg.dampening_frac).to(o.weight.dtype)
+        self._record(ctx, name, "heads", "attention heads", o, drop)
+
+    def _prune_mlp(self, index: int, block: nn.Module, name: str, spec, inputs: BlockInputs | None,
+                   ctx: RunContext) -> None:
+        cfg = self.cfg
+        down = block.get_submodule(spec.roles["down_proj"])
+        H = self._stats(block, down, inputs, full=cfg.reconstruct)  # (inter, inter), (inter,) or None
+        W = down.weight.detach().float().clone()  # (hidden, inter) before pruning
+        if cfg.score == "random":
+            sc = random_scores(self.inter, cfg.seed + 2 * index + 1)
+        else:
+            sq = H.diagonal() if H is not None and H.dim() == 2 else H
+            sc = neuron_scores(W, sq if cfg.score == "activation" else None)
+        drop = lowest(sc, count_to_remove(cfg.mlp_fraction, self.inter, f"{name}: MLP neurons"))
+        self.new_inter = shrink_mlp(block, spec, self.inter, drop, name.rpartition(".")[0])
+        if cfg.reconstruct:
+            keep = torch.tensor([j for j in range(self.inter) if j not in set(drop)])
+            down.weight.data = refit_columns(W, H, keep, cfg.dampening_frac).to(down.weight.dtype)
+        self._record(ctx, name, "channels", "MLP neurons", down, drop)
+
+    def _stats(self, block: nn.Module, layer: nn.Linear, inputs: BlockInputs | None, full: bool) -> torch.Tensor | None:
+        """Gram matrix (``full``) or its diagonal (sum of squares) of ``layer``'s input on the cached tokens.
+
+        None when the score and the options need no data.
+        """
+        if not (self.cfg.score == "activation" or self.cfg.reconstruct):
+            return None
+        acc = HessianAccumulator(layer.in_features) if full else ActStatsAccumulator(layer.in_features)
+        with capture_inputs({"x": layer}, lambda _n, x: acc.update(x.float())):
+            inputs.run(block, stop_after=layer)
+        return acc.H if full else acc.sq_sum
 
     @staticmethod
     def _record(ctx: RunContext, name: str, kind: str, unit: str, layer: nn.Linear, drop: list[int]) -> None:

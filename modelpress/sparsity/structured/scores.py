@@ -85,6 +85,28 @@ def heads_to_remove(head_sc: torch.Tensor, group_sc: torch.Tensor, fraction: flo
     return sorted(drop.reshape(-1).tolist())
 
 
+def refit_columns(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
+    """Least-squares weights for the input columns left after pruning (one-shot compensation).
+
+    Minimises ``||X W^T - X_S W_S'^T||_F`` over the calibration inputs ``X``, whose Gram matrix
+    is ``H``; the normal equations give ``W_S' = W H[:, S] H[S, S]^-1``. The removed units' share
+    of the output is re-expressed through the kept units they correlate with.
+
+    Args:
+        W: (out, in) the projection before pruning.
+        H: (in, in) Gram matrix (any positive scale) of its input.
+        keep: (k,) kept input columns.
+        percdamp: fraction of mean diag(H[S, S]) added to its diagonal (as GPTQ) for stability.
+    Returns:
+        (out, k) new weights, in ``W``'s dtype.
+    """
+    Hd = H.double()
+    H_SS = Hd[keep][:, keep]  # (k, k)
+    H_SS += percdamp * H_SS.diagonal().mean().clamp_min(1e-12) * torch.eye(len(keep), dtype=torch.float64)
+    rhs = W.double() @ Hd[:, keep]  # (out, k)
+    return torch.linalg.solve(H_SS, rhs.T).T.to(W.dtype)  # H_SS is symmetric
+
+
 def lowest(scores: torch.Tensor, r: int) -> list[int]:
     """Indices of the ``r`` smallest scores, sorted."""
     return sorted(torch.argsort(scores)[:r].tolist())
