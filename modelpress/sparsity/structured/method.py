@@ -33,7 +33,8 @@ from ...pipeline.sequential import BlockInputs, last_module, run_sequential
 from ..patterns import Structured
 from .scores import (BlockInfluence, GQAMode, Score, count_to_remove, heads_to_remove, lowest, neuron_scores,
                      random_scores, refit_columns, unit_scores)
-from .shrink import HeadLayout, head_layout, remove_layers, set_sizes, shape_keys, shrink_heads, shrink_mlp
+from .shrink import (HeadLayout, head_layout, remove_layers, role_linear, set_sizes, shape_keys, shrink_heads,
+                     shrink_mlp)
 
 
 class StructuredConfig(MethodConfig):
@@ -165,11 +166,12 @@ def run_structured(lm: LoadedModel, cfg: StructuredConfig, ctx: RunContext) -> N
     if cfg.channels_fraction:
         raise ModelpressError("structured: channels_fraction applies to Conv2d networks; for decoder models "
                               "use heads_fraction / mlp_fraction / layers")
-    stage = _plan(lm, cfg, blocks, ctx)
     prefix = blocks_path(lm.module, lm.spec)
+    stage = _plan(lm, cfg, blocks, prefix, ctx)
     if cfg.needs_data():
         if ctx.calib is None:
-            raise ModelpressError(f"structured with score {cfg.score!r} needs calibration data (--calib FILE)")
+            why = "the refit" if cfg.reconstruct and cfg.score != "activation" else f"score {cfg.score!r}"
+            raise ModelpressError(f"structured with {why} needs calibration data (--calib FILE)")
         offload = str(Path(ctx.workdir) / "activations.bin") if ctx.offload_activations and ctx.workdir else None
         if ctx.workdir:
             ctx.warn("structured pruning changes block shapes, so it keeps no per-block checkpoints")
@@ -182,8 +184,15 @@ def run_structured(lm: LoadedModel, cfg: StructuredConfig, ctx: RunContext) -> N
         _drop_layers(lm, cfg, stage, len(blocks), prefix, ctx)
 
 
-def _plan(lm: LoadedModel, cfg: StructuredConfig, blocks: list[nn.Module], ctx: RunContext) -> StructuredStage:
+def _plan(lm: LoadedModel, cfg: StructuredConfig, blocks: list[nn.Module], prefix: str,
+          ctx: RunContext) -> StructuredStage:
     """Check every request against the model before any work; note rounded fractions."""
+    shape_keys(lm.spec, "heads, neurons or layers")
+    roles = (("q_proj", "k_proj", "v_proj", "o_proj") if cfg.heads_fraction else ()) + (
+        tuple(r for r in ("gate_proj", "up_proj", "down_proj") if r in lm.spec.roles) if cfg.mlp_fraction else ())
+    for i, b in enumerate(blocks):
+        for r in roles:
+            role_linear(b, lm.spec, r, f"{prefix}.{i}")
     layout = head_layout(lm.module, lm.spec) if cfg.heads_fraction else None
     inter = None
     if cfg.mlp_fraction:
@@ -199,8 +208,6 @@ def _plan(lm: LoadedModel, cfg: StructuredConfig, blocks: list[nn.Module], ctx: 
                      f"grouped-query attention allows with gqa={cfg.gqa!r}")
     if cfg.layers >= len(blocks):
         raise ModelpressError(f"structured: cannot remove {cfg.layers} of the model's {len(blocks)} decoder layers")
-    if cfg.layers:
-        shape_keys(lm.spec, "decoder layers")
     return StructuredStage(cfg, layout, inter)
 
 
@@ -231,6 +238,7 @@ def _run_conv(lm: LoadedModel, cfg: StructuredConfig, ctx: RunContext) -> None:
                                       notes=[f"removed {len(removed)} Conv2d channels"]))
     for w in res.skipped:
         ctx.warn(w)
+
 
 METHODS.register("structured")(MethodEntry(StructuredConfig, run_structured, needs_calibration=False,
                                            summary="structured pruning: heads, MLP neurons, layers, Conv2d channels"))

@@ -69,14 +69,15 @@ def head_layout(model: nn.Module, spec: ArchSpec) -> HeadLayout:
     return HeadLayout(heads, kv, int(dim or cfg.hidden_size // heads))
 
 
-def _role(block: nn.Module, spec: ArchSpec, role: str, where: str) -> nn.Linear:
+def role_linear(block: nn.Module, spec: ArchSpec, role: str, where: str) -> nn.Linear:
+    """The float ``nn.Linear`` playing ``role`` in ``block``; a one-line error otherwise."""
     path = spec.roles.get(role)
     mod = get_submodule(block, path) if path else None
     if mod is None:
         raise ModelpressError(f"{where}: no {role} layer (ArchSpec {spec.name!r}) to prune")
     if type(mod) is not nn.Linear:
         raise ModelpressError(f"{where}.{path}: structured pruning needs a float nn.Linear, got "
-                              f"{type(mod).__name__}; prune before quantising")
+                              f"{type(mod).__name__}; run structured pruning before quantisation or sparsity stages")
     return mod
 
 
@@ -136,7 +137,7 @@ def shrink_heads(block: nn.Module, spec: ArchSpec, layout: HeadLayout, remove: S
     Returns the block's new layout; nothing is changed when the request is refused.
     """
     keep_q, keep_kv = plan_heads(layout, remove, where)
-    q, k, v, o = (_role(block, spec, r, where) for r in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    q, k, v, o = (role_linear(block, spec, r, where) for r in ("q_proj", "k_proj", "v_proj", "o_proj"))
     d = layout.head_dim
     take_rows(q, _unit_rows(keep_q, d))
     take_rows(k, _unit_rows(keep_kv, d))
@@ -155,8 +156,8 @@ def shrink_mlp(block: nn.Module, spec: ArchSpec, inter: int, remove: Sequence[in
     keep = _complement(inter, remove, "MLP neurons", where)
     for role in ("gate_proj", "up_proj"):
         if role in spec.roles:
-            take_rows(_role(block, spec, role, where), keep)
-    take_cols(_role(block, spec, "down_proj", where), keep)
+            take_rows(role_linear(block, spec, role, where), keep)
+    take_cols(role_linear(block, spec, "down_proj", where), keep)
     return int(keep.numel())
 
 
@@ -222,7 +223,7 @@ def prune_neurons(lm: LoadedModel, neurons: Sequence[int] | Mapping[int, Sequenc
     blocks, prefix = _blocks(lm)
     keys = shape_keys(lm.spec, "MLP neurons")
     inter = int(getattr(_config(lm.module), keys.intermediate or "", 0) or
-                _role(blocks[0], lm.spec, "down_proj", f"{prefix}.0").in_features)
+                role_linear(blocks[0], lm.spec, "down_proj", f"{prefix}.0").in_features)
     rows = _per_block(neurons, len(blocks), "MLP neurons")
     for i, r in enumerate(rows):
         _complement(inter, r, "MLP neurons", f"{prefix}.{i}")

@@ -238,3 +238,11 @@ def test_reconstruct_brings_pruned_model_closer_to_dense():
                                   "reconstruct": rec}]}, calib=calib, progress=False)
         errs[rec] = float((logits(lm.module) - ref).pow(2).mean())
     assert errs[True] < 0.7 * errs[False]
+
+
+def test_quantised_layers_are_refused_before_any_change(calib):
+    lm = mp.load(make_tiny_llama(seed=13))
+    mp.apply(lm, "rtn-w8", progress=False)
+    msg = one_line_error(lambda: mp.apply(lm, "structured-25", calib=calib, progress=False))
+    assert "before quantisation" in msg and "QuantLinear" in msg
+    assert lm.module.config.num_attention_heads == 4
