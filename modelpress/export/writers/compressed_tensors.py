@@ -28,9 +28,12 @@ CT_SCHEMA_VERSION = "0.20.0"
 
 @WRITERS.register(ExportFormat.COMPRESSED_TENSORS.value)
 def write_compressed_tensors(lm: LoadedModel, output: str | Path, *, on_unsupported: OnUnsupported = OnUnsupported.REFUSE,
-                             overwrite: bool = False, kv_cache_scheme: dict[str, Any] | None = None,
-                             **_: Any) -> ExportReport:
+                             overwrite: bool = False, kv_cache: Any = None, **_: Any) -> ExportReport:
     """Export ``lm`` as a compressed-tensors checkpoint.
+
+    ``kv_cache``: calibrated KV-cache quantisation (``modelpress.kernels.kvcache.KVCacheQuant``);
+    its ``kv_cache_scheme()`` goes into the config and its per-head ``k_scale`` / ``v_scale``
+    tensors into the weights.
 
     Example:
         >>> write_compressed_tensors(lm, "out/smol-ct")  # doctest: +SKIP
@@ -65,9 +68,11 @@ def write_compressed_tensors(lm: LoadedModel, output: str | Path, *, on_unsuppor
     for n, m in lm.module.named_modules():
         if isinstance(m, nn.Linear) and n not in {p[0] for p in plan}:
             ignore.append(n)
-    config = _config_with_quantization(lm, groups, ignore, kv_cache_scheme)
-    if kv_cache_scheme is None:
-        report.notes.append("kv_cache_scheme: none (no KV-cache quantisation given)")
+    scheme = kv_cache.kv_cache_scheme() if kv_cache is not None else None
+    if kv_cache is not None:
+        sd.update(kv_cache.scale_state_dict())
+        report.notes.append(f"kv_cache_scheme: {scheme}")
+    config = _config_with_quantization(lm, groups, ignore, scheme)
     with atomic_output(output, overwrite) as tmp:
         save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))

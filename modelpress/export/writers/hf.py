@@ -1,0 +1,79 @@
+"""Hugging Face writer: a plain ``save_pretrained`` folder that ``from_pretrained`` reloads.
+
+Quantised layers become ordinary ``nn.Linear`` (or GPT-2 ``Conv1D``) weights holding our
+dequantised values, in ``dtype`` (float32 keeps them exact; float16/bfloat16 halve the size).
+Pruned or structurally shrunk models are already plain modules with an updated config, so they
+are written as they are.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ...core.errors import ModelpressError
+from ...models.layers import set_submodule
+from ...models.loading import LoadedModel
+from ...quant.qlinear import QuantLinear
+from ..plan import ExportFormat, ExportReport, dense_weight, describe_format
+from . import WRITERS, atomic_output, original_class, save_tokenizer, skeleton
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@WRITERS.register(ExportFormat.HF.value)
+def write_hf(lm: LoadedModel, output: str | Path, *, dtype: str = "float32", overwrite: bool = False,
+             **_: Any) -> ExportReport:
+    """Write a dense ``save_pretrained`` folder (safetensors) of ``lm``.
+
+    Example:
+        >>> write_hf(lm, "out/smol-dense", dtype="bfloat16")  # doctest: +SKIP
+    """
+    if not hasattr(lm.module, "save_pretrained"):
+        raise ModelpressError("HF export needs a transformers model (this one has no save_pretrained)")
+    if dtype not in _DTYPES:
+        raise ModelpressError(f"--dtype {dtype}: choose one of {', '.join(_DTYPES)}")
+    report = ExportReport(ExportFormat.HF.value, str(output))
+    dense = _dense_copy(lm, report)
+    dense.to(_DTYPES[dtype])
+    with atomic_output(output, overwrite) as tmp:
+        dense.save_pretrained(str(tmp), safe_serialization=True)
+        save_tokenizer(lm, tmp)
+        report.write(tmp / "export_report.json")
+    return report
+
+
+def _dense_copy(lm: LoadedModel, report: ExportReport) -> nn.Module:
+    """A copy of the model with every compressed layer replaced by its original dense class."""
+    from transformers.pytorch_utils import Conv1D
+
+    skel = skeleton(lm)
+    layers = {n: m for n, m in lm.module.named_modules() if isinstance(m, QuantLinear) or getattr(m, "layer_tag", None)}
+    # copy only what stays (the compressed layers are rebuilt below, never deep-copied)
+    stash = {n: m for n, m in layers.items()}
+    for n in layers:
+        set_submodule(lm.module, n, nn.Identity())
+    try:
+        dense = copy.deepcopy(lm.module)
+    finally:
+        for n, m in stash.items():
+            set_submodule(lm.module, n, m)
+    for name, m in layers.items():
+        w = dense_weight(m, name).to(torch.float32)  # (out, in)
+        bias = getattr(m, "bias", None)
+        if original_class(skel, name) is Conv1D:
+            new: nn.Module = Conv1D(w.shape[0], w.shape[1])
+            new.weight.data = w.t().contiguous()
+        else:
+            new = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
+            new.weight.data = w.contiguous()
+        if bias is not None:
+            new.bias.data = bias.detach().to(torch.float32).clone()
+        set_submodule(dense, name, new)
+        report.add(f"{name}.weight", describe_format(m), "float", "dequantized")
+    if hasattr(dense, "tie_weights"):
+        dense.tie_weights()
+    return dense
