@@ -31,6 +31,23 @@ class ShapeKeys:
 
 
 @dataclass(frozen=True)
+class MoESpec:
+    """Where a block's mixture of experts lives: a linear router and experts fused along axis 0.
+
+    Example:
+        >>> MIXTRAL.moe.expert_params
+        ('gate_up_proj', 'down_proj')
+    """
+
+    router: str  # path inside a block; its ``weight`` is (num_experts, hidden), one row per expert
+    experts: str  # path inside a block of the module holding every expert's weights
+    expert_params: tuple[str, ...]  # parameters of ``experts`` stacked on axis 0 (one slice per expert)
+    num_experts_key: str  # config key: experts per layer
+    top_k_key: str  # config key: experts chosen per token
+    count_attrs: tuple[str, ...] = ("num_experts",)  # attributes of router / experts caching the count
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """Data describing one architecture family.
 
@@ -53,6 +70,8 @@ class ArchSpec:
     sequential: tuple[tuple[str, ...], ...] = ()
     # the weight of these layers is stored (in, out) (HF Conv1D) rather than nn.Linear's (out, in)
     transposed: bool = False
+    # mixture-of-experts layout (None: dense MLP)
+    moe: MoESpec | None = None
     # config keys holding the sizes structured pruning changes (None: not supported)
     shapes: ShapeKeys | None = None
 
@@ -131,7 +150,22 @@ BERT = ArchSpec(
     sequential=(("q_proj", "k_proj", "v_proj"), ("o_proj",), ("up_proj",), ("down_proj",)),
 )
 
-ARCH_SPECS: tuple[ArchSpec, ...] = (LLAMA, GPT2, OPT, BERT)
+MIXTRAL = ArchSpec(
+    name="mixtral",
+    model_types=("mixtral",),
+    blocks=("model.layers", "layers"),
+    embed=("model.embed_tokens", "embed_tokens"),
+    final_norm=("model.norm", "norm"),
+    lm_head="lm_head",
+    roles={r: p for r, p in _LLAMA_ROLES.items() if p.startswith("self_attn.")},
+    norms={"input_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm"},
+    scale_mappings=(("input_norm", ("q_proj", "k_proj", "v_proj")), ("v_proj", ("o_proj",))),
+    sequential=(("q_proj", "k_proj", "v_proj"), ("o_proj",)),
+    moe=MoESpec(router="mlp.gate", experts="mlp.experts", expert_params=("gate_up_proj", "down_proj"),
+                num_experts_key="num_local_experts", top_k_key="num_experts_per_tok"),
+)
+
+ARCH_SPECS: tuple[ArchSpec, ...] = (LLAMA, GPT2, OPT, BERT, MIXTRAL)
 
 
 def spec_for_model_type(model_type: str | None) -> ArchSpec | None:
