@@ -37,7 +37,7 @@ class TEALConfig(MethodConfig):
     method: Literal["teal"] = "teal"
     targets: list[str] = ["role:*"]
     sparsity: float = Field(0.4, ge=0, lt=1, description="fraction of each input's entries zeroed")
-    max_calib_tokens: int = Field(16384, gt=0, description="tokens per input used for the quantile (evenly strided)")
+    max_calib_tokens: int = Field(8192, gt=0, description="tokens per input used for the quantile (first batches)")
 
 
 class DejaVuConfig(MethodConfig):
@@ -55,15 +55,17 @@ class DejaVuConfig(MethodConfig):
     sparsity: float = Field(0.5, ge=0, lt=1, description="fraction of MLP neurons not computed per token")
     rank: int = Field(128, gt=0, description="hidden width of the predictor W2 relu(W1 x)")
     epochs: int = Field(4, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    max_calib_tokens: int = Field(16384, gt=0, description="training tokens per MLP (evenly strided)")
+    lr: float = Field(1e-2, gt=0)
+    max_calib_tokens: int = Field(16384, gt=0, description="training tokens per MLP (first batches)")
     holdout: float = Field(0.1, gt=0, lt=1, description="fraction of those tokens kept out to measure recall")
     seed: int = 0
 
 
 # ---- shared helpers ------------------------------------------------------------------------------
-def _stride(inputs: BlockInputs, max_tokens: int) -> int:
-    return max(1, math.ceil(inputs.hidden.shape[0] * inputs.hidden.shape[1] / max_tokens))
+def _sample_batches(inputs: BlockInputs, max_tokens: int) -> int:
+    """How many of the engine's batches hold ``max_tokens`` tokens (observing more costs time, not accuracy)."""
+    per_batch = inputs.batch_size * inputs.hidden.shape[1]
+    return max(1, math.ceil(max_tokens / per_batch))
 
 
 def _sequential_groups(spec: ArchSpec | None, prefix: str, names: list[str]) -> list[list[str]]:
@@ -90,7 +92,7 @@ def _shared_input_sets(spec: ArchSpec | None, prefix: str, group: list[str]) -> 
 
 # ---- TEAL ----------------------------------------------------------------------------------------
 class TEALStage:
-    """Per block: capture each input's |x| (strided sample), take the quantile, wrap the layers."""
+    """Per block: capture each input's |x| (first calibration batches), take the quantile, wrap the layers."""
 
     def __init__(self, cfg: TEALConfig, selected: list[str]) -> None:
         self.cfg, self.selected = cfg, set(selected)
@@ -98,17 +100,17 @@ class TEALStage:
     def process_block(self, lm: LoadedModel, index: int, block: nn.Module, prefix: str,
                       inputs: BlockInputs, ctx: RunContext) -> None:
         names = [n for n in sorted(self.selected) if n.startswith(prefix + ".")]
-        stride = _stride(inputs, self.cfg.max_calib_tokens)
+        n_batches = _sample_batches(inputs, self.cfg.max_calib_tokens)
         for group in _sequential_groups(lm.spec, prefix, names):
             sets = _shared_input_sets(lm.spec, prefix, group)
             mods = {s[0]: lm.module.get_submodule(s[0]) for s in sets}
             seen: dict[str, list[torch.Tensor]] = {n: [] for n in mods}
 
             def sink(n: str, x: torch.Tensor) -> None:
-                seen[n].append(x.detach().reshape(-1, x.shape[-1])[::stride].abs().float())  # (n_tok, in)
+                seen[n].append(x.detach().reshape(-1, x.shape[-1]).abs().float())  # (n_tok, in)
 
             with capture_inputs(mods, sink):
-                inputs.run(block, stop_after=last_module(block, mods.values()))
+                inputs.run(block, stop_after=last_module(block, mods.values()), max_batches=n_batches)
             for s in sets:
                 self._wrap(lm, s, torch.cat(seen[s[0]]), ctx)
 
@@ -153,9 +155,9 @@ class DejaVuStage:
                                       notes=[f"k={k}/{n_neurons}", f"held-out recall={r:.4f}"]))
 
     def _capture(self, block: nn.Module, up: nn.Module, inputs: BlockInputs) -> torch.Tensor:
-        stride, seen = _stride(inputs, self.cfg.max_calib_tokens), []
-        with capture_inputs({"up": up}, lambda _n, x: seen.append(x.detach().reshape(-1, x.shape[-1])[::stride].float())):
-            inputs.run(block, stop_after=up)
+        seen: list[torch.Tensor] = []
+        with capture_inputs({"up": up}, lambda _n, x: seen.append(x.detach().reshape(-1, x.shape[-1]).float())):
+            inputs.run(block, stop_after=up, max_batches=_sample_batches(inputs, self.cfg.max_calib_tokens))
         return torch.cat(seen)
 
 
