@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("recipes", help="list built-in recipes, or print one")
     r.add_argument("name", nargs="?", help="print this recipe's YAML")
+    from . import bench_cmd
+
+    bench_cmd.add_parser(sub)
+    from . import export_cmd
+
+    export_cmd.add_parser(sub)
     return ap
 
 
@@ -83,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MODELPRESS_PROGRESS"] = "0"
     from . import commands
 
-    handler: Callable[[Any], int] = getattr(commands, f"cmd_{args.cmd}")
+    handler: Callable[[Any], int] = getattr(commands, f"cmd_{args.cmd}", None) or _extra_handler(args.cmd)
     try:
         return handler(args)
     except ModelpressError as e:
@@ -92,6 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("modelpress: interrupted", file=sys.stderr)
         return 130
+
+
+def _extra_handler(cmd: str) -> Callable[[Any], int]:
+    """Handlers of subcommands kept in their own modules (``<cmd>_cmd.cmd_<cmd>``)."""
+    import importlib
+
+    return getattr(importlib.import_module(f"{__package__}.{cmd}_cmd"), f"cmd_{cmd}")
 
 
 def write_json(path: str | Path, obj: Any) -> None:

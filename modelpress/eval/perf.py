@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -128,28 +128,48 @@ def profile_model(model: str, *, threads: int, batches: tuple[int, ...] = (1, 4,
     return out
 
 
-def _child(queue: Any, kwargs: dict[str, Any]) -> None:
+def _child(queue: Any, fn: Callable[..., dict[str, Any]], kwargs: dict[str, Any]) -> None:
     try:
-        queue.put(("ok", profile_model(**kwargs)))
+        queue.put(("ok", fn(**kwargs)))
     except BaseException as e:  # report any failure to the parent instead of hanging it
         queue.put(("error", f"{type(e).__name__}: {e}"))
 
 
-def measure_in_subprocess(**kwargs: Any) -> dict[str, Any]:
-    """:func:`profile_model` in a fresh spawned process; raises ModelpressError on its failure."""
+def run_in_subprocess(fn: Callable[..., dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
+    """``fn(**kwargs)`` in a fresh spawned process (its own peak RSS); ModelpressError on failure."""
     import multiprocessing as mp
 
     from ..core.errors import ModelpressError
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(q, kwargs))
+    p = ctx.Process(target=_child, args=(q, fn, kwargs))
     p.start()
     status, payload = q.get()
     p.join()
     if status != "ok":
-        raise ModelpressError(f"benchmark of {kwargs.get('model')} failed: {payload}")
+        raise ModelpressError(f"measuring {kwargs.get('model', fn.__name__)} failed: {payload}")
     return payload
+
+
+def measure_in_subprocess(**kwargs: Any) -> dict[str, Any]:
+    """:func:`profile_model` in a fresh process."""
+    return run_in_subprocess(profile_model, **kwargs)
+
+
+class RunnerLM(nn.Module):
+    """A :class:`LlamaRunner` seen as a model (``forward(input_ids) -> logits``), each call on a fresh cache.
+
+    Lets :func:`modelpress.eval.perplexity.perplexity` score what our generation computes, quantised
+    KV cache included (a prefill writes the keys and values and attends to what it reads back).
+    """
+
+    def __init__(self, runner: Any) -> None:
+        super().__init__()
+        self.runner, self.model = runner, runner.model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (batch, seq) -> (batch, seq, vocab)
+        return self.runner.forward(ids, self.runner.new_cache(ids.shape[0], ids.shape[1]), 0)
 
 
 def machine_info() -> dict[str, Any]:
