@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sizes", action="store_true", help="also save each model (modelpress format) and record its file size")
     ap.add_argument("--out", required=True, help="output path without extension (.json and .md are written)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -60,7 +61,8 @@ def main() -> None:
     t = time.perf_counter()
     base = ppl(base_lm.module)
     rows = [{"recipe": "baseline (fp32)", "perplexity": base, "delta_ppl_pct": 0.0, "compress_s": 0.0,
-             "eval_s": time.perf_counter() - t, "bits_per_weight": 32.0}]
+             "eval_s": time.perf_counter() - t, "bits_per_weight": 32.0,
+             **({"file_bytes": saved_bytes(base_lm)} if args.sizes else {})}]
     print(json.dumps(rows[-1]), flush=True)
     for name in args.recipes:
         lm = mp.load(copy.deepcopy(base_lm.module))
@@ -72,10 +74,21 @@ def main() -> None:
         p = ppl(lm.module)
         rows.append({"recipe": name, "perplexity": p, "delta_ppl_pct": 100 * (p - base) / base, "compress_s": cs,
                      "eval_s": time.perf_counter() - t, "bits_per_weight": rep["mean_bits_per_weight"],
-                     "warnings": rep["warnings"][:3]})
+                     "warnings": rep["warnings"][:3], **({"file_bytes": saved_bytes(lm)} if args.sizes else {})})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "warnings"}), flush=True)
         write(args.out, meta, rows)  # after every row: a stopped run keeps what it measured
     write(args.out, meta, rows)
+
+
+def saved_bytes(lm) -> int:
+    """Bytes of the weight files that ``modelpress.save`` writes for ``lm``."""
+    import tempfile
+
+    from modelpress.eval.size import disk_bytes
+    from modelpress.export.saving import save_compressed
+
+    with tempfile.TemporaryDirectory() as d:
+        return disk_bytes(save_compressed(lm, Path(d) / "m"))
 
 
 def write(out: str, meta: dict, rows: list[dict]) -> None:
@@ -85,10 +98,13 @@ def write(out: str, meta: dict, rows: list[dict]) -> None:
              "", f"first {meta['eval_tokens']} tokens, {meta['eval_seq_len']}-token windows; calibration "
              f"{meta['calib_samples']} x {meta['calib_seq_len']} tokens from {Path(meta['calib']).name}; "
              f"{meta['threads']} threads, torch {meta['torch']}", "",
-             "| recipe | bits/weight | PPL | ΔPPL | compress s |", "|---|---|---|---|---|"]
+             "| recipe | bits/weight | PPL | ΔPPL | compress s |" + (" file MB |" if "file_bytes" in rows[0] else ""),
+             "|---|---|---|---|---|" + ("---|" if "file_bytes" in rows[0] else "")]
     for r in rows:
-        lines.append(f"| {r['recipe']} | {r['bits_per_weight']:.3f} | {r['perplexity']:.3f} | "
-                     f"{r['delta_ppl_pct']:+.2f}% | {r['compress_s']:.1f} |")
+        bits = f"{r['bits_per_weight']:.3f}" if r.get("bits_per_weight") is not None else "-"
+        size = f" {r['file_bytes'] / 1e6:.1f} |" if "file_bytes" in r else ""
+        lines.append(f"| {r['recipe']} | {bits} | {r['perplexity']:.3f} | "
+                     f"{r['delta_ppl_pct']:+.2f}% | {r['compress_s']:.1f} |{size}")
     Path(out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -7,4 +7,7 @@ from .quant.algos.llm_int8 import method as _llm_int8_method  # noqa: F401
 from .quant.algos.ptq import method as _ptq_method  # noqa: F401
 from .sparsity.activation import method as _activation_sparsity_method  # noqa: F401
 from .sparsity.structured import method as _structured_method  # noqa: F401
+from .sparsity.algos import magnitude as _magnitude_method  # noqa: F401
+from .sparsity.algos.wanda import method as _wanda_method  # noqa: F401
+from .sparsity.algos.sparsegpt import method as _sparsegpt_method  # noqa: F401
 from .sparsity.moe import method as _moe_method  # noqa: F401

@@ -59,7 +59,7 @@ class SparseLayer(nn.Module):
         self.kind, self.conv = kind, conv
         self.pattern = pattern if pattern is not None else Unstructured()
         mask = mask.to(device=weight.device, dtype=torch.bool)
-        self.weight = nn.Parameter(weight.detach() * mask)  # pruned entries start at exactly 0
+        self.weight = nn.Parameter(weight.detach().masked_fill(~mask, 0))  # pruned entries: exactly +0.0
         self.register_buffer("mask", mask, persistent=False)  # saved packed, by _save_to_state_dict
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
 
@@ -79,8 +79,8 @@ class SparseLayer(nn.Module):
         return int(self.weight[0].numel())
 
     def effective_weight(self) -> torch.Tensor:
-        """``weight * mask``: what the layer computes with."""
-        return self.weight * self.mask
+        """``weight * mask``: what the layer computes with (pruned entries +0.0, zero gradient)."""
+        return self.weight.masked_fill(~self.mask, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.effective_weight().to(x.dtype)
@@ -101,7 +101,7 @@ class SparseLayer(nn.Module):
         if mask.shape != self.weight.shape:
             raise ModelpressError(f"mask shape {tuple(mask.shape)} does not match weight {tuple(self.weight.shape)}")
         self.mask = mask.to(device=self.weight.device, dtype=torch.bool)
-        self.weight.mul_(self.mask)
+        self.weight.masked_fill_(~self.mask, 0)
 
     @torch.no_grad()
     def update(self, scores: torch.Tensor, sparsity: float | None, *, monotone: bool = True,

@@ -1,0 +1,1 @@
+"""Pruning algorithms: magnitude, Wanda, SparseGPT (each registers its recipe method)."""

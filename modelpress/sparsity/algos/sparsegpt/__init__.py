@@ -1,0 +1,1 @@
+"""SparseGPT (Frantar & Alistarh, 2023): maths in ``sparsegpt.py``, recipe stage in ``method.py``."""

@@ -1,0 +1,74 @@
+"""SparseGPT as a recipe stage: Hessians from the sequential engine's hooks, maths in ``sparsegpt.py``.
+
+With ``format:`` the kept weights are quantised in the same pass (joint sparse + quantised, as in
+the paper); the layer becomes a ``QuantLinear`` whose pruned weights hold the exact-zero code.
+Layers reading the same input (q/k/v, gate/up) share one Hessian.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch.nn as nn
+from pydantic import Field
+
+from ....calib.stats import HessianAccumulator
+from ....models.loading import LoadedModel
+from ....pipeline.methods import METHODS, MethodEntry, RunContext, layer_weight
+from ....quant.algos.gptq.method import _output_error
+from ....quant.apply import install_quantized, record_quantized
+from ....quant.fields import FormatField
+from ...apply import install_pruned, record_pruned
+from ...config import PruneConfig
+from ...masks import mask_from_scores
+from ...stage import CalibratedPruneStage
+from ..magnitude import magnitude_layers
+from .sparsegpt import sparsegpt_prune
+
+
+class SparseGPTConfig(PruneConfig):
+    """SparseGPT pruning with OBS weight updates, optionally joint with quantisation.
+
+    Example:
+        >>> SparseGPTConfig(pattern="2:4", format={"type": "int", "bits": 4, "granularity": 128}).format.bits
+        4
+    """
+
+    method: Literal["sparsegpt"] = "sparsegpt"
+    blocksize: int = Field(128, gt=0, description="columns per adaptive mask selection and lazy update")
+    dampening_frac: float = Field(0.01, gt=0, lt=1, description="percdamp: fraction of mean diag(H) added")
+    format: Optional[FormatField] = Field(None, description="quantise kept weights in the same pass")
+    true_sequential: bool = Field(False, description="within a block, later layers see earlier ones pruned")
+
+
+def sparsegpt_stage(lm: LoadedModel, cfg: SparseGPTConfig) -> CalibratedPruneStage:
+    layers = magnitude_layers(lm, cfg)
+    sparsity = None if cfg.pattern.fixed_sparsity() is not None else cfg.target_sparsity()
+
+    def prune(name: str, module: nn.Module, acc: HessianAccumulator, ctx: RunContext) -> None:
+        W = layer_weight(name, module)  # (out, in)
+        if acc.nsamples == 0:
+            ctx.warn(f"{name}: received no calibration tokens; pruned by magnitude instead")
+            mask = mask_from_scores(W.abs(), cfg.pattern, sparsity, layer=name)
+            install_pruned(lm.module, name, module, W, mask, cfg.pattern, cfg.storage)
+            record_pruned(ctx, "magnitude(fallback)", name, W, mask, cfg.pattern, storage=cfg.storage)
+            return
+        res = sparsegpt_prune(W, acc.H, cfg.pattern, sparsity, blocksize=cfg.blocksize,
+                              percdamp=cfg.dampening_frac, fmt=cfg.format)
+        for w in res.warnings:
+            ctx.warn(f"{name}: {w}")
+        err = _output_error(W, res.W, acc.H)
+        if res.qtensor is not None:
+            install_quantized(lm.module, name, module, res.qtensor)
+            rec = record_quantized(ctx, "sparsegpt", name, W, res.qtensor, res.W, out_rel_error=err)
+            rec.notes.append(f"sparsity {1 - float(res.mask.float().mean()):.4f} ({cfg.pattern.to_dict()}), "
+                             "pruned weights stored as the exact-zero code")
+            return
+        install_pruned(lm.module, name, module, res.W, res.mask, cfg.pattern, cfg.storage)
+        record_pruned(ctx, "sparsegpt", name, W, res.mask, cfg.pattern, res.W, storage=cfg.storage,
+                      out_rel_error=err)
+
+    return CalibratedPruneStage([n for n, _ in layers], HessianAccumulator, prune, cfg.true_sequential)
+
+
+METHODS.register("sparsegpt")(MethodEntry(SparseGPTConfig, None, needs_calibration=True, block_stage=sparsegpt_stage,
+                                          summary="SparseGPT: OBS pruning with weight updates, optional joint quantisation"))
