@@ -166,3 +166,33 @@ def test_rtn_after_pruning_keeps_the_zeros() -> None:
                 progress=False)
     w = lm.module.model.layers[0].self_attn.o_proj.dequantized_weight()
     assert bool(((w == 0).reshape(w.shape[0], -1, 4).sum(-1) >= 2).all())
+
+
+def test_interrupted_sparsegpt_run_resumes_bit_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's per-block checkpoints hold SparseLayers (bitmask + values) and restore them."""
+    import copy
+
+    from modelpress.pipeline import sequential
+
+    recipe = {"name": "r", "stages": [{"method": "sparsegpt", "sparsity": 0.5}]}
+    base = make_tiny_llama(seed=5, layers=3)
+    ref = mp.load(copy.deepcopy(base))
+    mp.apply(ref, recipe, calib=CALIB, progress=False)
+    real = sequential.run_sequential
+
+    def crash_at_block_2(*a, **kw):
+        def before(i: int) -> None:
+            if i == 2:
+                raise KeyboardInterrupt
+        return real(*a, **{**kw, "before_block": before})
+
+    monkeypatch.setattr(sequential, "run_sequential", crash_at_block_2)
+    with pytest.raises(KeyboardInterrupt):
+        mp.apply(mp.load(copy.deepcopy(base)), recipe, calib=CALIB, progress=False, workdir=tmp_path / "w")
+    monkeypatch.setattr(sequential, "run_sequential", real)
+    fresh = mp.load(copy.deepcopy(base))
+    ctx = mp.apply(fresh, recipe, calib=CALIB, progress=False, workdir=tmp_path / "w")
+    assert any("resumed from checkpoint after block 1" in w for w in ctx.warnings)
+    a, b = ref.module.state_dict(), fresh.module.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert isinstance(fresh.module.model.layers[0].mlp.up_proj, SparseLayer)
