@@ -1,14 +1,17 @@
 """Structured pruning on one model: dense vs structured-25 (calibrated score) vs structured-25 (random score).
 
+For each variant: parameters, ΔPPL (same eval tokens), size of the saved ``model.safetensors``,
+and CPU speed of the saved folder reloaded with plain ``transformers.AutoModelForCausalLM
+.from_pretrained`` (so the speed is what a user of the smaller model gets): decode tokens/s
+(batch 1, greedy, HF ``generate``; the time of 1 new token is subtracted from the time of N so the
+prompt's prefill does not count) and prefill tokens/s (one forward over a long prompt).
+
+On a shared, loaded machine each variant is timed *interleaved with the dense model* right after it
+is built (``repeats`` rounds, medians), and its speed is reported as a ratio to that dense timing;
+results are written after every row so a stopped run keeps what it measured.
+
 structured-25 refits the kept columns of o_proj / down_proj by least squares; rows without the refit
 show what the score alone does.
-
-For each variant, in one run: parameters, ΔPPL (same eval tokens), size of the saved
-``model.safetensors``, and CPU speed of the saved folder reloaded with plain
-``transformers.AutoModelForCausalLM.from_pretrained`` (so the speed is what a user of the smaller
-model gets): decode tokens/s (batch 1, greedy, HF ``generate``; the time of 1 new token is
-subtracted from the time of N so the prompt's prefill does not count) and prefill tokens/s
-(one forward over a long prompt). Timings are interleaved across variants, repeated, median kept.
 
     python bench/structured.py --threads 1 --out bench/results/smollm2_structured
 """
@@ -34,12 +37,12 @@ def _stage(**kw) -> dict:
                                                          "mlp_fraction": 0.25, **kw}]}
 
 
-VARIANTS = {
+VARIANTS = {  # in order of importance: a run stopped early keeps the first rows
     "dense": None,
     "structured-25 (activation score + refit)": "structured-25",
-    "structured-25 (random score + refit)": _stage(score="random", reconstruct=True),
     "activation score, no refit": _stage(score="activation", reconstruct=False),
     "random score, no refit": _stage(score="random", reconstruct=False),
+    "structured-25 (random score + refit)": _stage(score="random", reconstruct=True),
 }
 KV_VARIANT = {"structured-25, whole K/V groups": _stage(score="activation", reconstruct=True, gqa="kv")}
 
@@ -56,7 +59,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=32, help="prompt length for decode timing")
     ap.add_argument("--prefill-tokens", type=int, default=512)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--kv-groups", action="store_true", help="add a row pruning whole K/V groups (gqa: kv)")
     ap.add_argument("--out", required=True, help="output path without extension (.json and .md are written)")
     args = ap.parse_args()
@@ -75,20 +78,27 @@ def main() -> None:
                                            "calib_seq_len", "threads", "new_tokens", "prompt_tokens", "prefill_tokens",
                                            "repeats")}
     meta.update(torch=torch.__version__, machine=os.uname().nodename, cpus=os.cpu_count())
-    rows, plain = [], {}
+    rows = []
     with tempfile.TemporaryDirectory(prefix="structured-bench-") as tmp:
+        dense = None
         for name, recipe in variants.items():
-            row, plain[name] = build(mp, base, name, recipe, calib, ids, bos, args, Path(tmp), perplexity, count_params,
-                                     disk_bytes)
+            row, model = build(mp, base, name, recipe, calib, ids, bos, args, Path(tmp), perplexity, count_params,
+                               disk_bytes)
+            dense = dense or (row, model)
+            speed(dense[1], model, ids, args, row)
             rows.append(row)
-            print(json.dumps(row), flush=True)
-        speed(plain, ids, args, rows)
-    base_ppl, base_row = rows[0]["perplexity"], rows[0]
+            finish(rows)
+            print(json.dumps({k: v for k, v in row.items() if k != "timings_s"}), flush=True)
+            write(args.out, meta, rows)
+            del model
+
+
+def finish(rows: list[dict]) -> None:
+    """Ratios to the dense row (speed: to the dense timing taken beside each row)."""
+    d = rows[0]
     for r in rows:
-        r["delta_ppl_pct"] = 100 * (r["perplexity"] - base_ppl) / base_ppl
-        for k in ("params", "file_bytes", "decode_tokens_per_s", "prefill_tokens_per_s"):
-            r[f"{k}_vs_dense"] = r[k] / base_row[k]
-    write(args.out, meta, rows)
+        r["delta_ppl_pct"] = 100 * (r["perplexity"] - d["perplexity"]) / d["perplexity"]
+        r["params_vs_dense"], r["file_bytes_vs_dense"] = r["params"] / d["params"], r["file_bytes"] / d["file_bytes"]
 
 
 def build(mp, base, name, recipe, calib, ids, bos, args, tmp: Path, perplexity, count_params, disk_bytes):
@@ -117,11 +127,10 @@ def build(mp, base, name, recipe, calib, ids, bos, args, tmp: Path, perplexity, 
     return row, plain
 
 
-def speed(models: dict, ids: list[int], args, rows: list[dict]) -> None:
-    """Decode and prefill tokens/s, interleaved over the models, ``repeats`` rounds, medians."""
+def speed(dense, model, ids: list[int], args, row: dict) -> None:
+    """Decode and prefill tokens/s of ``model`` and of ``dense``, interleaved, ``repeats`` rounds, medians."""
     prompt = torch.tensor([ids[: args.prompt_tokens]])
     long = torch.tensor([ids[: args.prefill_tokens]])
-    times = {n: {"gen_n": [], "gen_1": [], "prefill": []} for n in models}
 
     def gen(m, n: int) -> float:
         t = time.perf_counter()
@@ -129,22 +138,29 @@ def speed(models: dict, ids: list[int], args, rows: list[dict]) -> None:
         assert out.shape[1] == prompt.shape[1] + n
         return time.perf_counter() - t
 
+    def prefill(m) -> float:
+        t = time.perf_counter()
+        m(long, use_cache=False)
+        return time.perf_counter() - t
+
+    models = {"variant": model} if model is dense else {"dense": dense, "variant": model}
+    times: dict = {k: {"gen_n": [], "gen_1": [], "prefill": []} for k in models}
     with torch.no_grad():
         for m in models.values():  # warm-up
-            gen(m, 4)
-            m(long, use_cache=False)
+            gen(m, 2)
         for _ in range(args.repeats):
-            for n, m in models.items():
-                times[n]["gen_n"].append(gen(m, args.new_tokens))
-                times[n]["gen_1"].append(gen(m, 1))
-                t = time.perf_counter()
-                m(long, use_cache=False)
-                times[n]["prefill"].append(time.perf_counter() - t)
-    for r in rows:
-        t = {k: statistics.median(v) for k, v in times[r["variant"]].items()}
-        r["decode_tokens_per_s"] = (args.new_tokens - 1) / (t["gen_n"] - t["gen_1"])
-        r["prefill_tokens_per_s"] = args.prefill_tokens / t["prefill"]
-        r["timings_s"] = times[r["variant"]]
+            for k, m in models.items():
+                times[k]["gen_n"].append(gen(m, args.new_tokens))
+                times[k]["gen_1"].append(gen(m, 1))
+                times[k]["prefill"].append(prefill(m))
+    for k in ("dense", "variant"):
+        t = {q: statistics.median(v) for q, v in times[k if k in models else "variant"].items()}
+        pre = "" if k == "variant" else "dense_"
+        row[f"{pre}decode_tokens_per_s"] = (args.new_tokens - 1) / (t["gen_n"] - t["gen_1"])
+        row[f"{pre}prefill_tokens_per_s"] = args.prefill_tokens / t["prefill"]
+    row["decode_vs_dense"] = row["decode_tokens_per_s"] / row["dense_decode_tokens_per_s"]
+    row["prefill_vs_dense"] = row["prefill_tokens_per_s"] / row["dense_prefill_tokens_per_s"]
+    row["timings_s"] = times
 
 
 def write(out: str, meta: dict, rows: list[dict]) -> None:
@@ -155,7 +171,8 @@ def write(out: str, meta: dict, rows: list[dict]) -> None:
              f"{meta['calib_samples']} x {meta['calib_seq_len']} tokens from {Path(meta['calib']).name}. Speed of the "
              f"saved folder reloaded with plain `transformers` (fp32, {meta['threads']} thread(s), torch {meta['torch']}): "
              f"decode = batch 1, greedy, {meta['new_tokens']} new tokens after a {meta['prompt_tokens']}-token prompt; "
-             f"prefill = one {meta['prefill_tokens']}-token forward; medians of {meta['repeats']} interleaved rounds. "
+             f"prefill = one {meta['prefill_tokens']}-token forward; each row timed interleaved with the dense model "
+             f"right after it was built, medians of {meta['repeats']} rounds, ratio to that dense timing. "
              "No recovery fine-tuning.", "",
              "| variant | heads (q/kv) | MLP width | params | file MB | decode tok/s | prefill tok/s | PPL | ΔPPL |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -164,8 +181,8 @@ def write(out: str, meta: dict, rows: list[dict]) -> None:
         lines.append(f"| {r['variant']} | {c['num_attention_heads']}/{c['num_key_value_heads']} | {c['intermediate_size']} | "
                      f"{r['params'] / 1e6:.1f}M ({r['params_vs_dense']:.2f}x) | {r['file_bytes'] / 1e6:.0f} "
                      f"({r['file_bytes_vs_dense']:.2f}x) | {r['decode_tokens_per_s']:.1f} "
-                     f"({r['decode_tokens_per_s_vs_dense']:.2f}x) | {r['prefill_tokens_per_s']:.0f} "
-                     f"({r['prefill_tokens_per_s_vs_dense']:.2f}x) | {r['perplexity']:.3f} | {r['delta_ppl_pct']:+.1f}% |")
+                     f"({r['decode_vs_dense']:.2f}x) | {r['prefill_tokens_per_s']:.0f} "
+                     f"({r['prefill_vs_dense']:.2f}x) | {r['perplexity']:.3f} | {r['delta_ppl_pct']:+.1f}% |")
     Path(out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
