@@ -45,9 +45,8 @@ def prepare(args: argparse.Namespace) -> dict[str, str]:
     paths["w4"] = w4 if w4.exists() else out / "smollm2-rtn-w4-g64"
     if not all(p.exists() for p in paths.values()):
         lm = mp.load(args.model)
-        if not paths["fp32"].exists():
-            lm.module.save_pretrained(paths["fp32"])
-            lm.tokenizer.save(paths["fp32"])
+        if not paths["fp32"].exists():  # a modelpress folder (the GGUF-loaded model refuses save_pretrained)
+            mp.save(lm, paths["fp32"])
         for key, recipe in (("w8", "rtn-w8"), ("w4", "rtn-w4-g64")):
             if not paths[key].exists():
                 import copy
