@@ -1,0 +1,247 @@
+"""Real clients load our exports: compressed-tensors, GGUF and HF files of compressed SmolLM2-135M.
+
+For each recipe: compress (in this run), save as a modelpress folder, export from that folder, then
+read every export back with other people's code and compare with our own dequantised model:
+
+* compressed-tensors: the library's own compressors decompress each layer (max |Δw|), and
+  ``transformers.AutoModelForCausalLM.from_pretrained`` loads the folder (logits vs ours);
+* GGUF: ``gguf.GGUFReader`` + ``gguf.quants.dequantize`` tensor by tensor, ``from_pretrained(...,
+  gguf_file=...)`` logits, and llama.cpp through ``llama-cpp-python`` when it is installed
+  (cosine of the logits on the prompt);
+* HF: ``from_pretrained`` logits.
+
+    python bench/export_check.py --out bench/results/export_check
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+SHARED = Path(os.environ.get("MODELPRESS_SHARED", HERE.parents[1] / "shared")) / "data"
+
+#: recipe -> GGUF exports (type, float type, on-unsupported)
+GGUF_PLAN = {
+    "rtn-w4-g64": [("Q4_0", "F32", "refuse"), ("Q4_0", "F16", "refuse"), ("Q4_K", "F16", "requantize"),
+                   ("Q6_K", "F16", "requantize")],
+    "gptq-w4-g64": [("Q4_0", "F32", "refuse"), ("Q4_1", "F16", "refuse")],
+    "rtn-w8": [("Q8_0", "F32", "refuse")],
+    "rtn-w4-g32": [("Q4_0", "F16", "refuse")],
+}
+
+
+def logit_stats(theirs: torch.Tensor, ours: torch.Tensor) -> dict[str, float]:
+    """Max relative error (max |Δ| / max |ours|), min/mean cosine per position, top-1 agreement."""
+    theirs, ours = theirs.double().reshape(-1, ours.shape[-1]), ours.double().reshape(-1, ours.shape[-1])
+    cos = torch.nn.functional.cosine_similarity(theirs, ours, dim=-1)
+    return {"max_rel_err": float((theirs - ours).abs().max() / ours.abs().max()), "cos_min": float(cos.min()),
+            "cos_mean": float(cos.mean()), "top1_agree": float((theirs.argmax(-1) == ours.argmax(-1)).double().mean())}
+
+
+def folder_bytes(p: Path) -> int:
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def check_ct(folder: Path, out: Path, lm: Any, ids: torch.Tensor, ours: torch.Tensor) -> dict[str, Any]:
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from modelpress.export.export import export
+
+    t = time.perf_counter()
+    rep = export(str(folder), "compressed-tensors", out)
+    row: dict[str, Any] = {"target": "compressed-tensors", "export_s": time.perf_counter() - t,
+                           "size_bytes": folder_bytes(out), "counts": rep.counts()}
+    qcfg = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
+    sd, worst = load_file(str(out / "model.safetensors")), 0.0
+    for scheme in qcfg.config_groups.values():
+        comp = BaseCompressor.get_value_from_registry(scheme.format)
+        for name in scheme.targets:
+            own = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
+            own["weight_scale"] = own["weight_scale"].float()
+            w = comp.decompress(own, scheme)["weight"].float()
+            worst = max(worst, float((w - lm.module.get_submodule(name).dequantized_weight()).abs().max()))
+    row["library_decompress_max_abs_dw"] = worst
+    row["format"] = qcfg.format
+    ref = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        row["transformers"] = logit_stats(ref(input_ids=ids).logits, ours)
+    del ref
+    return row
+
+
+def check_gguf(folder: Path, out: Path, lm: Any, ids: torch.Tensor, ours: torch.Tensor, gtype: str, ftype: str,
+               policy: str) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    from modelpress.export.export import export
+
+    t = time.perf_counter()
+    rep = export(str(folder), "gguf", out, gguf_type=gtype, float_type=ftype, on_unsupported=policy)
+    row: dict[str, Any] = {"target": f"gguf {gtype} (float tensors {ftype}, {policy})", "export_s": time.perf_counter() - t,
+                           "size_bytes": folder_bytes(out), "counts": rep.counts(),
+                           "types": sorted({r.target for r in rep.tensors})}
+    row.update(gguf_reader_check(out, lm, rep))
+    ref = AutoModelForCausalLM.from_pretrained(str(out.parent), gguf_file=out.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        row["transformers"] = logit_stats(ref(input_ids=ids).logits, ours)
+    del ref
+    row["llama_cpp"] = llama_cpp_check(out, ids, ours)
+    return row
+
+
+def gguf_reader_check(path: Path, lm: Any, rep: Any) -> dict[str, Any]:
+    """Dequantise every tensor with gguf-py and compare with our weight (rotary rows restored)."""
+    import gguf
+
+    from modelpress.export.writers.gguf import _permute_rotary
+
+    cfg = lm.module.config
+    ours = _our_tensors(lm, cfg)
+    actions = {r.name: r.action for r in rep.tensors}
+    lossless_max, rel_rms = 0.0, {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        arr = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(x) for x in reversed(t.shape)])
+        w = ours[t.name]
+        if arr.ndim == 2:
+            w = _permute_rotary(w, _hf_suffix(t.name), cfg)
+        if actions[t.name] in ("lossless", "copied"):
+            lossless_max = max(lossless_max, float(np.abs(arr - w).max()))
+        else:
+            rel_rms[t.name] = float(np.sqrt(((arr - w) ** 2).mean()) / (np.sqrt((w ** 2).mean()) + 1e-30))
+    worst = max(rel_rms.items(), key=lambda kv: kv[1]) if rel_rms else None
+    return {"reader_lossless_max_abs_dw": lossless_max, "reader_other_tensors": len(rel_rms),
+            "reader_other_worst_rel_rms": worst}
+
+
+def _hf_suffix(gguf_name: str) -> str:
+    return {"attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight"}.get(
+        gguf_name.split(".", 2)[-1], gguf_name)
+
+
+def _our_tensors(lm: Any, cfg: Any) -> dict[str, np.ndarray]:
+    import gguf
+
+    from modelpress.export.writers.gguf import _weights
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    out = {}
+    for hf, src in _weights(lm.module):
+        w = src if isinstance(src, torch.Tensor) else src.dequantized_weight()
+        g = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+        if g:
+            out[g] = w.detach().float().numpy()
+    return out
+
+
+def llama_cpp_check(path: Path, ids: torch.Tensor, ours: torch.Tensor) -> dict[str, Any]:
+    try:
+        from llama_cpp import Llama
+    except ImportError as e:
+        return {"status": f"not installed ({e})"}
+    llm = Llama(model_path=str(path), n_ctx=max(256, ids.shape[1] + 8), logits_all=True, n_threads=2, verbose=False)
+    llm.eval(ids[0].tolist())
+    theirs = torch.from_numpy(np.array(llm.scores[: ids.shape[1]], dtype=np.float32))
+    del llm
+    return {"status": "ok", **logit_stats(theirs, ours)}
+
+
+def check_hf(folder: Path, out: Path, ids: torch.Tensor, ours: torch.Tensor) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    from modelpress.export.export import export
+
+    t = time.perf_counter()
+    rep = export(str(folder), "hf", out)
+    row = {"target": "hf (float32)", "export_s": time.perf_counter() - t, "size_bytes": folder_bytes(out),
+           "counts": rep.counts()}
+    ref = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        row["transformers"] = logit_stats(ref(input_ids=ids).logits, ours)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="bundled:smollm2-135m-instruct")
+    ap.add_argument("--recipes", nargs="+", default=["rtn-w4-g64", "gptq-w4-g64", "rtn-w8"])
+    ap.add_argument("--prompt-data", default=str(SHARED / "wikitext2/wiki.test.raw"))
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--calib", default=str(SHARED / "c4/c4_en_train_first1000.jsonl"))
+    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--calib-seq-len", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", required=True, help="output path without extension (.json and .md are written)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("MODELPRESS_PROGRESS", "0")
+    import modelpress as mp
+    from modelpress.eval.perplexity import read_text
+
+    base = mp.load(args.model)
+    ids = torch.tensor([base.tokenizer.encode(read_text(args.prompt_data, True))[: args.prompt_tokens]])
+    calib = mp.calibration_for(base, args.calib, args.calib_samples, args.calib_seq_len)
+    meta = {k: getattr(args, k) for k in ("model", "prompt_tokens", "calib_samples", "calib_seq_len", "threads")}
+    meta.update(torch=torch.__version__, cpus=os.cpu_count(), machine="2-core shared CPU box")
+    results: list[dict[str, Any]] = []
+    work = Path(tempfile.mkdtemp(prefix="mp-export-check-"))
+    for recipe in args.recipes:
+        lm = mp.load(copy.deepcopy(base.module))
+        lm.tokenizer, lm.add_bos, lm.source = base.tokenizer, base.add_bos, base.source
+        t = time.perf_counter()
+        mp.compress(lm, recipe, calib=calib, progress=False)
+        compress_s = time.perf_counter() - t
+        folder = mp.save(lm, work / recipe, recipe=recipe)
+        with torch.no_grad():
+            ours = lm.module(input_ids=ids).logits
+        rows = [check_ct(folder, work / f"{recipe}-ct", lm, ids, ours)]
+        for gtype, ftype, policy in GGUF_PLAN.get(recipe, [("Q4_0", "F16", "requantize")]):
+            rows.append(check_gguf(folder, work / f"{recipe}-{gtype}-{ftype}.gguf", lm, ids, ours, gtype, ftype, policy))
+        rows.append(check_hf(folder, work / f"{recipe}-hf", ids, ours))
+        for r in rows:
+            r.update(recipe=recipe, compress_s=compress_s, modelpress_bytes=folder_bytes(folder))
+            print(json.dumps(r, default=str), flush=True)
+        results.extend(rows)
+        write(args.out, meta, results)
+        del lm
+
+
+def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
+    lines = [f"# Exports read back by real clients ({meta['model']}, prompt of {meta['prompt_tokens']} WikiText-2 tokens)",
+             "", "Logits compared with our own dequantised model on the same ids: max rel err = max |Δ| / max |ours|; "
+             "cos = cosine per position (min). `lossless max |Δw|`: tensors carried code for code, read back by "
+             "the target's own decoder (compressed-tensors compressors / gguf-py).", "",
+             "| recipe | target | tensors | size MiB | lossless max abs dw | transformers max rel err | transformers cos min "
+             "| llama.cpp cos min / top-1 |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        tr = r.get("transformers", {})
+        lc = r.get("llama_cpp")
+        lcs = "n/a" if lc is None else (f"{lc['cos_min']:.5f} / {lc['top1_agree']:.3f}" if lc.get("status") == "ok"
+                                         else lc["status"][:40])
+        dw = r.get("library_decompress_max_abs_dw", r.get("reader_lossless_max_abs_dw"))
+        counts = ", ".join(f"{v} {k}" for k, v in sorted(r["counts"].items()))
+        lines.append(f"| {r['recipe']} | {r['target']} | {counts} | {r['size_bytes'] / 2**20:.1f} | "
+                     f"{'' if dw is None else f'{dw:.3g}'} | {tr.get('max_rel_err', float('nan')):.2e} | "
+                     f"{tr.get('cos_min', float('nan')):.6f} | {lcs} |")
+    others = [(r["recipe"], r["target"], r["reader_other_worst_rel_rms"]) for r in rows if r.get("reader_other_worst_rel_rms")]
+    if others:
+        lines += ["", "Re-quantised / cast GGUF tensors, worst relative RMS error against our weight (gguf-py reader):", ""]
+        lines += [f"- {a} {b}: {c[0]} {c[1]:.4f}" for a, b, c in others]
+    Path(out + ".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
