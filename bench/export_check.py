@@ -31,8 +31,7 @@ SHARED = Path(os.environ.get("MODELPRESS_SHARED", HERE.parents[1] / "shared")) /
 
 #: recipe -> GGUF exports (type, float type, on-unsupported)
 GGUF_PLAN = {
-    "rtn-w4-g64": [("Q4_0", "F32", "refuse"), ("Q4_0", "F16", "refuse"), ("Q4_K", "F16", "requantize"),
-                   ("Q6_K", "F16", "requantize")],
+    "rtn-w4-g64": [("Q4_0", "F32", "refuse"), ("Q4_K", "F16", "requantize"), ("Q6_K", "F16", "requantize")],
     "gptq-w4-g64": [("Q4_0", "F32", "refuse"), ("Q4_1", "F16", "refuse")],
     "rtn-w8": [("Q8_0", "F32", "refuse")],
     "rtn-w4-g32": [("Q4_0", "F16", "refuse")],
@@ -175,7 +174,7 @@ def check_hf(folder: Path, out: Path, ids: torch.Tensor, ours: torch.Tensor) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="bundled:smollm2-135m-instruct")
-    ap.add_argument("--recipes", nargs="+", default=["rtn-w4-g64", "gptq-w4-g64", "rtn-w8"])
+    ap.add_argument("--recipes", nargs="+", default=["rtn-w4-g64", "rtn-w8", "gptq-w4-g64"])
     ap.add_argument("--prompt-data", default=str(SHARED / "wikitext2/wiki.test.raw"))
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--calib", default=str(SHARED / "c4/c4_en_train_first1000.jsonl"))

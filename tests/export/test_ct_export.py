@@ -151,3 +151,19 @@ def test_hf_export_reloads_with_from_pretrained(tmp_path):
     with torch.no_grad():
         assert torch.equal(ref(input_ids=ids).logits, lm.module(input_ids=ids).logits)
     assert any(isinstance(m, QuantLinear) for m in lm.module.modules())  # the source model is untouched
+
+
+def test_kv_cache_scheme_and_scales_written(tmp_path):
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+
+    kvcache = pytest.importorskip("modelpress.kernels.kvcache")
+    lm = _quantised(FORMATS[0])
+    kvq = kvcache.KVCacheQuant.from_amax("fp8", torch.rand(2, 2) + 1, torch.rand(2, 2) + 1)
+    export(lm, "compressed-tensors", tmp_path / "ct", kv_cache=kvq)
+    raw = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    cfg = QuantizationConfig.model_validate(raw)
+    assert cfg.kv_cache_scheme.type == "float" and cfg.kv_cache_scheme.strategy == "attn_head"
+    sd = load_file(str(tmp_path / "ct" / "model.safetensors"))
+    assert torch.equal(sd["model.layers.1.self_attn.k_scale"].reshape(-1), kvq.k_scale[1])
+    assert sd["model.layers.0.self_attn.v_scale"].shape == (2, 1, 1)
