@@ -20,6 +20,7 @@ from ....core.threads import torch_threads
 from ....quant.algos.gptq.gptq import _inverse_cholesky, _quantize_column
 from ....quant.formats.base import Params, QTensor, WeightFormat
 from ....quant.granularity import PerGroup
+from ...masks import _prune_lowest
 from ...patterns import NM, SparsityPattern, Unstructured
 
 
@@ -156,10 +157,7 @@ def sparsegpt_prune(
 
 def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Bool (rows, n): True at the ``k`` lowest entries of each row (ties by position)."""
-    out = torch.zeros_like(scores, dtype=torch.bool)
-    if k > 0:
-        out.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :k], True)
-    return out
+    return ~_prune_lowest(scores, k)
 
 
 def _fit_group(fmt: WeightFormat, W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, Hinv: torch.Tensor,
