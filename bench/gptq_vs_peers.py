@@ -27,15 +27,25 @@ ROOT = HERE.parent
 SHARED = Path(os.environ.get("MODELPRESS_SHARED", ROOT.parent / "shared")) / "data"
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str]:
-    """Run ``cmd`` under /usr/bin/time -v: (wall seconds, peak RSS bytes, stderr tail)."""
-    t = time.perf_counter()
-    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
+def start(cmd: list[str], env: dict[str, str], log: Path) -> tuple[subprocess.Popen, float, Path]:
+    """Start ``cmd`` under /usr/bin/time -v (stats to ``log``.time, output to ``log``: no pipe can fill)."""
+    stats = log.with_suffix(".time")
+    with open(log, "w") as f:
+        p = subprocess.Popen(["/usr/bin/time", "-v", "-o", str(stats), *cmd], stdout=f, stderr=subprocess.STDOUT, env=env)
+    return p, time.perf_counter(), log
+
+
+def finish(job: tuple[subprocess.Popen, float, Path]) -> tuple[float, int, float]:
+    """Wait for a started command: (wall seconds, peak RSS bytes, CPU seconds user + system)."""
+    p, t, log = job
+    p.wait()
     wall = time.perf_counter() - t
     if p.returncode != 0:
-        raise RuntimeError(f"{cmd[:3]} failed: {p.stderr[-2000:]}")
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1)) * 1024
-    return wall, rss, p.stderr[-500:]
+        raise RuntimeError(f"{p.args[4:7]} failed: {log.read_text()[-2000:]}")
+    stats = log.with_suffix(".time").read_text()
+    field = lambda k: re.search(rf"{k}: ([\d.]+)", stats).group(1)  # noqa: E731
+    rss = int(field(r"Maximum resident set size \(kbytes\)")) * 1024
+    return wall, rss, float(field(r"User time \(seconds\)")) + float(field(r"System time \(seconds\)"))
 
 
 def main() -> None:
@@ -46,6 +56,8 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--eval-seq-len", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sequential", dest="concurrent", action="store_false",
+                    help="run ours and the peer one after the other (default: at the same time, same load)")
     ap.add_argument("--peer-python", default=str(ROOT / ".venv-llmc/bin/python"))
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -65,32 +77,42 @@ def main() -> None:
     del base
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MODELPRESS_PROGRESS": "0"}
     rows = [{"tool": "baseline fp32", "job": "-", "perplexity": base_ppl}]
+    peer = Path(args.peer_python).exists()
+    from modelpress.quant.qlinear import cached_dequant
+
     for job in args.jobs:
         bits, group = map(int, job.split(":"))
         name = f"gptq-w{bits}" + (f"-g{group}" if group else "")
-        out = work / name
-        wall, rss, _ = timed([sys.executable, "-m", "modelpress.cli.main", "--quiet", "compress", "--model", str(gguf),
-                              "--recipe", name, "--calib", str(work / "tokens.safetensors"), "--calib-samples",
-                              str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len), "--output", str(out)], env)
+        out, pj = work / name, work / f"peer-{name}.json"
+        ours_cmd = [sys.executable, "-m", "modelpress.cli.main", "--quiet", "compress", "--model", str(gguf),
+                    "--recipe", name, "--calib", str(work / "tokens.safetensors"), "--calib-samples",
+                    str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len), "--output", str(out)]
+        peer_cmd = [args.peer_python, str(HERE / "peers/llmc_gptq.py"), "--model-dir", str(gguf.parent),
+                    "--gguf", gguf.name, "--tokens", str(work / "tokens.safetensors"), "--bits", str(bits),
+                    "--group", str(group), "--eval-seq-len", str(args.eval_seq_len),
+                    "--threads", str(args.threads), "--json", str(pj)]
+        # Concurrent by default: on a shared machine both tools then see the same background load.
+        if args.concurrent and peer:
+            a, b = start(ours_cmd, env, work / f"{name}.log"), start(peer_cmd, env, work / f"peer-{name}.log")
+            (wall, rss, cpu), peer_res = finish(a), finish(b)
+        else:
+            wall, rss, cpu = finish(start(ours_cmd, env, work / f"{name}.log"))
+            peer_res = finish(start(peer_cmd, env, work / f"peer-{name}.log")) if peer else None
         rep = json.loads((out / "report.json").read_text())
         ours = mp.load(str(out))
-        from modelpress.quant.qlinear import cached_dequant
-
         with cached_dequant():
             p = perplexity(ours.module, ev, args.eval_seq_len).perplexity
         rows.append({"tool": "modelpress", "job": name, "perplexity": p, "compress_s": rep["compress_s"],
-                     "process_wall_s": wall, "peak_rss_bytes": rss})
+                     "compress_cpu_s": rep.get("compress_cpu_s"), "process_wall_s": wall, "process_cpu_s": cpu,
+                     "peak_rss_bytes": rss})
         print(json.dumps(rows[-1]), flush=True)
-        if Path(args.peer_python).exists():
-            pj = work / f"peer-{name}.json"
-            wall, rss, _ = timed([args.peer_python, str(HERE / "peers/llmc_gptq.py"), "--model-dir", str(gguf.parent),
-                                  "--gguf", gguf.name, "--tokens", str(work / "tokens.safetensors"), "--bits", str(bits),
-                                  "--group", str(group), "--eval-seq-len", str(args.eval_seq_len),
-                                  "--threads", str(args.threads), "--json", str(pj)], env)
-            peer = json.loads(pj.read_text())
-            rows.append({"tool": "llm-compressor 0.14", "job": name, "perplexity": peer["perplexity"],
-                         "compress_s": peer["compress_s"], "process_wall_s": wall, "peak_rss_bytes": rss,
-                         "note": "process peak RSS includes its own eval"})
+        if peer_res is not None:
+            wall, rss, cpu = peer_res
+            pr = json.loads(pj.read_text())
+            rows.append({"tool": "llm-compressor 0.14", "job": name, "perplexity": pr["perplexity"],
+                         "compress_s": pr["compress_s"], "compress_cpu_s": pr.get("compress_cpu_s"),
+                         "process_wall_s": wall, "process_cpu_s": cpu, "peak_rss_bytes": rss,
+                         "note": "process wall/CPU/peak RSS include its own eval"})
             print(json.dumps(rows[-1]), flush=True)
     for r in rows:
         r["delta_ppl_pct"] = 100 * (r["perplexity"] - base_ppl) / base_ppl
@@ -99,11 +121,15 @@ def main() -> None:
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     md = [f"# GPTQ: modelpress vs llm-compressor on {gguf.name}", "",
           f"calibration {args.calib_samples} x {args.calib_seq_len} C4 tokens (identical ids for both); "
-          f"eval first {args.eval_tokens} WikiText-2 tokens in {args.eval_seq_len}-token windows; {args.threads} threads", "",
-          "| tool | job | PPL | ΔPPL | compress s | process wall s | peak RSS MB |", "|---|---|---|---|---|---|---|"]
+          f"eval first {args.eval_tokens} WikiText-2 tokens in {args.eval_seq_len}-token windows; {args.threads} threads"
+          f"{' each, both tools running at the same time' if args.concurrent else ''}. CPU s = user + system of all "
+          "threads (what the work costs, robust to other load); wall s depends on the machine's load.", "",
+          "| tool | job | PPL | ΔPPL | compress wall s | compress CPU s | process wall s | process CPU s | peak RSS MB |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['tool']} | {r['job']} | {r['perplexity']:.3f} | {r['delta_ppl_pct']:+.2f}% | "
-                  f"{r.get('compress_s', 0):.1f} | {r.get('process_wall_s', 0):.1f} | {r.get('peak_rss_bytes', 0) / 2**20:.0f} |")
+                  f"{r.get('compress_s', 0):.1f} | {r.get('compress_cpu_s') or 0:.1f} | {r.get('process_wall_s', 0):.1f} | "
+                  f"{r.get('process_cpu_s', 0):.1f} | {r.get('peak_rss_bytes', 0) / 2**20:.0f} |")
     Path(args.out + ".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

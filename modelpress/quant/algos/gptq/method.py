@@ -73,7 +73,7 @@ class GPTQStage:
                     sub = inputs.run(block, stop_before=stop, record=target and target[1])
                     replay = (*target, sub) if target and sub is not None else None
             for names_ in sets:  # (replaces the layers by quantised ones: compare by name below)
-                self._quantize_set(lm, {n: mods[n] for n in names_}, accs[names_[0]], ctx)
+                self._quantize_set(lm, {n: mods[n] for n in names_}, accs.pop(names_[0]), ctx)  # H freed after
             if replay is not None and not _inside(replay[0], group):
                 replay = None  # a layer outside the recorded module changed: its inputs are stale
 
@@ -107,7 +107,10 @@ class GPTQStage:
                 record_quantized(ctx, "rtn(fallback)", n, Ws[n], qt)
             return
         H = acc.H
-        W = torch.cat(list(Ws.values()), 0)  # (sum out_i, in)
+        W = torch.cat(list(Ws.values()), 0) if len(Ws) > 1 else next(iter(Ws.values()))  # (sum out_i, in)
+        row = 0
+        for n in Ws:  # views into W: one copy of the weights stays alive, not two
+            Ws[n], row = W[row:row + Ws[n].shape[0]], row + Ws[n].shape[0]
         res = gptq_quantize(W, H, fmt, blocksize=self.cfg.blocksize, percdamp=self.cfg.dampening_frac,
                             act_order=self.cfg.act_order)
         row = 0
