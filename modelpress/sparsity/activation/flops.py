@@ -29,7 +29,7 @@ class MacReport:
     ``input_sparsity``: per wrapped-layer name suffix (``down_proj`` ...), measured zero fraction of inputs.
     """
 
-    tokens: int = 0
+    tokens: int = 0  # token passes through an MLP (tokens x MLP layers)
     dense_macs: int = 0
     skipped_macs: int = 0
     overhead_macs: int = 0
