@@ -17,11 +17,13 @@ import torch.nn.functional as F
 
 from ....core.errors import ModelpressError
 from ....core.threads import torch_threads
-from ....quant.algos.gptq.gptq import _inverse_cholesky, _quantize_column
 from ....quant.formats.base import Params, QTensor, WeightFormat
 from ....quant.granularity import PerGroup
 from ...masks import _prune_lowest
 from ...patterns import NM, SparsityPattern, Unstructured
+
+#: How many times the dampening is raised tenfold before giving up on a non-PD Hessian.
+MAX_DAMP_RETRIES = 4
 
 
 @dataclass
@@ -89,10 +91,7 @@ def sparsegpt_prune(
     fitted: list[Params] = []
     codes = torch.zeros(rows, columns, dtype=torch.uint8, device=W.device) if fmt is not None else None
 
-    try:
-        Hinv, damp_used = _inverse_cholesky(H, percdamp, warnings)
-    except ModelpressError as e:
-        raise ModelpressError(str(e).replace("gptq:", "sparsegpt:")) from None
+    Hinv, damp_used = _inverse_cholesky(H, percdamp, warnings)
     del H
 
     keep = torch.ones(rows, columns, dtype=torch.bool, device=W.device)
@@ -153,6 +152,28 @@ def sparsegpt_prune(
     if fmt is not None:
         qt = _qtensor(fmt, codes, fitted if dynamic else None, params, keep, (rows, columns))
     return SparseGPTResult(W.to(torch.float32), keep, loss, damp_used, qt, warnings)
+
+
+def _inverse_cholesky(H: torch.Tensor, percdamp: float, warnings: list[str]) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + percdamp * mean(diag H) I)^-1``; dampening x10 while not PD."""
+    mean_diag, eye = torch.diag(H).mean(), torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    first = percdamp
+    for _ in range(MAX_DAMP_RETRIES + 1):
+        L, info = torch.linalg.cholesky_ex(H + percdamp * mean_diag * eye)
+        if info == 0:
+            Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0 and torch.isfinite(Hinv).all():
+                if percdamp != first:
+                    warnings.append(f"Hessian not positive definite with percdamp={first:g}; used {percdamp:g}")
+                return Hinv, percdamp
+        percdamp = 10 * percdamp if percdamp > 0 else 0.01
+    raise ModelpressError(f"sparsegpt: Hessian not positive definite even with percdamp={percdamp / 10:g}")
+
+
+def _quantize_column(fmt: WeightFormat, w: torch.Tensor, p: Params) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (rows,) uint8 and dequantised values (rows,) float32 of one column."""
+    c = fmt.encode(w.view(-1, 1, 1), p)  # (rows, 1, 1)
+    return c.view(-1), fmt.decode(c, p).view(-1).to(torch.float32)
 
 
 def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
