@@ -88,7 +88,7 @@ class StructuredStage:
                      ctx: RunContext) -> None:
         cfg, L = self.cfg, self.layout
         o = block.get_submodule(spec.roles["o_proj"])
-        H = self._stats(block, o, inputs, full=True)  # (heads*d, heads*d) or None
+        H = self._stats(block, o, inputs, ctx, full=True)  # (heads*d, heads*d) or None
         W = o.weight.detach().float().clone()  # (hidden, heads*d) before pruning
         if cfg.score == "random":
             hs, gs = random_scores(L.heads, cfg.seed + 2 * index), random_scores(L.kv_heads, cfg.seed + 2 * index)
@@ -106,7 +106,7 @@ class StructuredStage:
                    ctx: RunContext) -> None:
         cfg = self.cfg
         down = block.get_submodule(spec.roles["down_proj"])
-        H = self._stats(block, down, inputs, full=cfg.reconstruct)  # (inter, inter), (inter,) or None
+        H = self._stats(block, down, inputs, ctx, full=cfg.reconstruct)  # (inter, inter), (inter,) or None
         W = down.weight.detach().float().clone()  # (hidden, inter) before pruning
         if cfg.score == "random":
             sc = random_scores(self.inter, cfg.seed + 2 * index + 1)
@@ -120,7 +120,8 @@ class StructuredStage:
             down.weight.data = refit_columns(W, H, keep, cfg.dampening_frac).to(down.weight.dtype)
         self._record(ctx, name, "channels", "MLP neurons", down, drop)
 
-    def _stats(self, block: nn.Module, layer: nn.Linear, inputs: BlockInputs | None, full: bool) -> torch.Tensor | None:
+    def _stats(self, block: nn.Module, layer: nn.Linear, inputs: BlockInputs | None, ctx: RunContext,
+               full: bool) -> torch.Tensor | None:
         """Gram matrix (``full``) or its diagonal (sum of squares) of ``layer``'s input on the cached tokens.
 
         None when the score and the options need no data.
@@ -130,6 +131,9 @@ class StructuredStage:
         acc = HessianAccumulator(layer.in_features) if full else ActStatsAccumulator(layer.in_features)
         with capture_inputs({"x": layer}, lambda _n, x: acc.update(x.float())):
             inputs.run(block, stop_after=layer)
+        if full and self.cfg.reconstruct and acc.nsamples < 2 * layer.in_features:
+            ctx.warn(f"structured: the refit of {layer.in_features}-wide layers saw only {acc.nsamples} calibration "
+                     "tokens (rank-deficient fit, can hurt badly); use several times more tokens than the width")
         return acc.H if full else acc.sq_sum
 
     @staticmethod
