@@ -112,9 +112,9 @@ def dense_weight(m: nn.Module, name: str) -> "torch.Tensor":  # noqa: F821
     dequantise cannot be exported (one-line error naming it)."""
     if isinstance(m, QuantLinear):
         return m.dequantized_weight()
-    fn = getattr(m, "dequantized_weight", None)
+    fn = getattr(m, "dequantized_weight", None) or getattr(m, "effective_weight", None)  # sparse: weight * mask
     if callable(fn):
-        return fn()
+        return fn().detach()
     w = getattr(m, "weight", None)
     if w is None or getattr(m, "layer_tag", None):
         raise ModelpressError(f"{name}: compressed layer {getattr(m, 'layer_tag', type(m).__name__)!r} has no "

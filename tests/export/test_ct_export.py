@@ -167,3 +167,19 @@ def test_kv_cache_scheme_and_scales_written(tmp_path):
     sd = load_file(str(tmp_path / "ct" / "model.safetensors"))
     assert torch.equal(sd["model.layers.1.self_attn.k_scale"].reshape(-1), kvq.k_scale[1])
     assert sd["model.layers.0.self_attn.v_scale"].shape == (2, 1, 1)
+
+
+def test_pruned_model_exports_dense_and_loads(tmp_path):
+    """Pruned (SparseLayer) weights: compressed-tensors 0.20 has no sparse compressor, so they are written dense."""
+    from transformers import AutoModelForCausalLM
+
+    lm = mp.load(make_tiny_llama(seed=9))
+    mp.compress(lm, "magnitude-2of4", progress=False)
+    rep = export(lm, "compressed-tensors", tmp_path / "ct")
+    assert rep.counts() == {"copied": 14}
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), dtype=torch.float32)
+    w = ref.model.layers[0].mlp.up_proj.weight.reshape(-1, 4)
+    assert ((w == 0).sum(dim=1) >= 2).all()  # the 2:4 pattern survives
+    ids = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(ref(input_ids=ids).logits, lm.module(input_ids=ids).logits)

@@ -24,6 +24,9 @@ from . import WRITERS, atomic_output, original_class, save_tokenizer, skeleton
 
 #: The compressed-tensors release whose schema this writer follows (config ``version``).
 CT_SCHEMA_VERSION = "0.20.0"
+#: Report note for pruned float layers: compressed-tensors 0.20 removed its sparse compressors
+#: (``sparse-bitmask`` / ``sparse-24-bitmask`` are legacy names it can no longer decompress).
+SPARSE_DENSE = "sparse layer written dense (compressed-tensors 0.20 has no sparse compressor)"
 
 
 @WRITERS.register(ExportFormat.COMPRESSED_TENSORS.value)
@@ -53,10 +56,11 @@ def write_compressed_tensors(lm: LoadedModel, output: str | Path, *, on_unsuppor
         bias = getattr(m, "bias", None)
         if bias is not None:
             sd[f"{name}.bias"] = bias.detach().contiguous()
-        if action is None or isinstance(action, str):  # dequantise
+        if isinstance(action, str):  # dequantise (or a sparse float layer, written dense)
             sd[f"{name}.weight"] = dense_weight(m, name).to(torch.float32).contiguous()
             ignore.append(name)
-            report.add(f"{name}.weight", describe_format(m), "float32", "dequantized", action or "")
+            sparse = action == SPARSE_DENSE
+            report.add(f"{name}.weight", describe_format(m), "float32", "copied" if sparse else "dequantized", action or "")
             continue
         qt, how = action
         codec = codec_for(qt.fmt)
@@ -88,6 +92,9 @@ def _plan(lm: LoadedModel, policy: OnUnsupported) -> list[tuple[str, nn.Module, 
     plan, problems = [], []
     for name, m in lm.module.named_modules():
         if not (isinstance(m, QuantLinear) or getattr(m, "layer_tag", None)):
+            continue
+        if getattr(m, "layer_tag", None) == "sparse" and m.is_compressed_linear:
+            plan.append((name, m, SPARSE_DENSE))  # float weights with zeros: nothing to refuse
             continue
         why = _why_unrepresentable(m, original_class(skel, name))
         if why is None:
