@@ -196,7 +196,11 @@ def main() -> int:
     for name, kind, path, dtype, kv in configs:
         if args.only and name not in args.only:
             continue
-        r = run_in_subprocess(row, kind=kind, path=path, dtype=dtype, kv=kv, args=args, tokenizer_src=tok_src)
+        try:
+            r = run_in_subprocess(row, kind=kind, path=path, dtype=dtype, kv=kv, args=args, tokenizer_src=tok_src)
+        except Exception as e:  # a failed row is reported, the others still run
+            print(f"row {name!r} failed: {e}", file=sys.stderr, flush=True)
+            continue
         r["row"] = name
         rows.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "kernels"}), flush=True)

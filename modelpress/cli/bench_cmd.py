@@ -31,10 +31,14 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--kernel", help="kernel for quantised layers: auto (default), reference, or a registered name "
                                     "(also $MODELPRESS_KERNEL); a kernel that cannot run falls back with a note")
     b.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    b.add_argument("--same-process", action="store_true",
+                   help="measure in this process instead of a fresh one per model (faster start; peak RSS is then "
+                        "the whole run's, not each model's own)")
+    b.add_argument("--bandwidth-mib", type=int, default=256, help="buffer for the bandwidth measurement (default 256)")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ..eval.perf import machine_info, measure_bandwidth, measure_in_subprocess
+    from ..eval.perf import machine_info, measure_bandwidth, measure_in_subprocess, profile_model
     from ..kernels.registry import requested_kernel
 
     if args.threads < 1 or min(args.batches) < 1 or args.prompt_len < 1 or args.new_tokens < 2:
@@ -43,15 +47,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    bw = measure_bandwidth()
+    bw = measure_bandwidth(args.bandwidth_mib << 20)
     common = dict(threads=args.threads, batches=tuple(args.batches), prompt_len=args.prompt_len,
                   new_tokens=args.new_tokens, dtype=args.dtype, kernel=kernel, compile=args.compile,
                   bandwidth=bw["read_bytes_per_s"], price_per_hour=args.price_per_hour)
-    comp = measure_in_subprocess(model=args.model, **common)
-    base = measure_in_subprocess(model=args.baseline, **common) if args.baseline else None
+    measure = profile_model if args.same_process else measure_in_subprocess
+    comp = measure(model=args.model, **common)
+    base = measure(model=args.baseline, **common) if args.baseline else None
     out: dict[str, Any] = {k: comp[k] for k in ("decode_tokens_per_s", "prefill_tokens_per_s", "peak_rss_bytes",
                                                 "size_bytes", "ttft_s", "decode_latency_ms")}
-    out.update(machine=machine_info(), bandwidth=bw, price_per_hour=args.price_per_hour, model=comp, baseline=base)
+    out.update(machine=machine_info(), bandwidth=bw, same_process=args.same_process, price_per_hour=args.price_per_hour, model=comp, baseline=base)
     if base:
         out["speedup_decode"] = comp["decode_tokens_per_s"] / base["decode_tokens_per_s"]
         out["size_ratio"] = comp["size_bytes"] / base["size_bytes"]

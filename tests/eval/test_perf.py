@@ -37,13 +37,13 @@ def _bench(model_dir, out, *extra: str) -> dict:
     from modelpress.cli.main import main
 
     rc = main(["--quiet", "bench", "--model", str(model_dir), "--json", str(out), "--threads", "1", "--batches", "1", "2",
-               "--prompt-len", "8", "--new-tokens", "4", "--price-per-hour", "1.0", "--dtype", "float32", *extra])
+               "--prompt-len", "8", "--new-tokens", "4", "--price-per-hour", "1.0", "--dtype", "float32", "--bandwidth-mib", "16", *extra])
     assert rc == 0
     return json.loads(out.read_text())
 
 
 def test_bench_cli_writes_json_keys(tiny_llama_dir, tmp_path) -> None:
-    d = _bench(tiny_llama_dir, tmp_path / "bench.json")
+    d = _bench(tiny_llama_dir, tmp_path / "bench.json", "--same-process")
     for k in ("decode_tokens_per_s", "prefill_tokens_per_s", "peak_rss_bytes", "size_bytes"):
         assert d[k] > 0, k
     m = d["model"]
