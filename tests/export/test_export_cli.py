@@ -6,6 +6,7 @@ import json
 import pytest
 
 import modelpress as mp
+import modelpress.cli.commands  # noqa: F401  (binds its console to stderr before any capsys test)
 from modelpress.cli.main import main
 from tests.conftest import make_tiny_llama
 
