@@ -60,6 +60,11 @@ class HessianAccumulator:
             return torch.zeros(self.in_features, self.in_features, dtype=self.dtype)
         return self._H
 
+    def take_H(self) -> torch.Tensor:
+        """Hand the Hessian over (the accumulator forgets it), so its new owner may overwrite or free it."""
+        H, self._H = self.H, None
+        return H
+
 
 class ActStatsAccumulator:
     """Per input channel statistics of |x| over every token seen.

@@ -283,3 +283,34 @@ def test_stacking_rows_gives_each_layers_own_result():
         b = gptq_quantize(Wb, H.clone(), fmt, blocksize=16, act_order=act_order)
         assert torch.equal(both.qtensor.codes, torch.cat([a.qtensor.codes, b.qtensor.codes]))
         assert torch.allclose(both.Q, torch.cat([a.Q, b.Q]), atol=1e-9)
+
+
+def test_output_error_from_the_obs_loss_equals_the_direct_trace():
+    """tr(E H E^T) = 2 loss - damp ||E||^2: the stage reports output error without keeping H."""
+    torch.manual_seed(3)
+    X = torch.randn(300, 64) @ torch.randn(64, 64)
+    H = 2 * X.T @ X / 300
+    H[:, 5] = H[5, :] = 0  # one dead column
+    W = torch.randn(40, 64, dtype=torch.float64)
+    fmt = IntFormat(bits=3, granularity=PerGroup(size=16))
+    res = gptq_quantize(W, H.double(), fmt, percdamp=0.05, act_order=True)
+    live = torch.diag(H) != 0
+    E = (W - res.Q.double())[:, live]
+    direct = torch.einsum("oi,ij,oj->", E, H.double()[live][:, live], E)
+    assert torch.allclose(torch.tensor(2 * res.loss - res.damp_abs * float(E.pow(2).sum()), dtype=torch.float64),
+                          direct, rtol=1e-9)
+    assert torch.allclose(res.row_loss.sum(), torch.tensor(res.loss, dtype=torch.float64))
+
+
+def test_owned_hessian_is_factorised_in_place_with_the_same_result():
+    torch.manual_seed(4)
+    X = torch.randn(200, 48)
+    H = 2 * X.T @ X / 200
+    W = torch.randn(24, 48)
+    fmt = IntFormat(bits=4, granularity=PerGroup(size=16))
+    ref = gptq_quantize(W, H, fmt)
+    mine = H.clone()
+    ptr = mine.data_ptr()
+    res = gptq_quantize(W, mine, fmt, own_H=True)
+    assert torch.equal(res.qtensor.codes, ref.qtensor.codes)
+    assert mine.data_ptr() == ptr and not torch.equal(mine, H)  # its buffer was reused, not copied

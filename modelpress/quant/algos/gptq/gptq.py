@@ -32,13 +32,18 @@ class GPTQResult:
     ``Q`` (out, in) float32 equals ``qtensor.dequantize()`` exactly. ``loss`` is the OBS objective
     summed over the weight, ``sum (w - q)^2 / [H_F^-1]_qq / 2``, as the reference code reports it;
     it equals ``tr((W - Q) (H + damp I) (W - Q)^T) / 2``. ``damp_used`` is the relative dampening
-    (fraction of ``mean(diag(H))``) that made ``H`` positive definite.
+    (fraction of ``mean(diag(H))``) that made ``H`` positive definite, ``damp_abs`` the value added
+    to the diagonal, ``row_loss`` (out,) the objective per output row (float64). So the output
+    error on the calibration inputs, ``tr((W - Q) H (W - Q)^T)``, is ``2 loss - damp_abs ||W - Q||^2``
+    without keeping ``H`` (dead columns excluded).
     """
 
     qtensor: QTensor
     Q: torch.Tensor
     loss: float
     damp_used: float
+    damp_abs: float
+    row_loss: torch.Tensor
     dead_columns: int
     warnings: list[str] = field(default_factory=list)
 
@@ -52,6 +57,7 @@ def gptq_quantize(
     percdamp: float = 0.01,
     act_order: bool = False,
     static_groups: bool = True,
+    own_H: bool = False,
 ) -> GPTQResult:
     """Quantise ``W`` (out, in) to ``fmt`` minimising ``||(W - Q) X^T||^2`` for ``H = 2 X^T X / n``.
 
@@ -68,6 +74,8 @@ def gptq_quantize(
         static_groups: with ``act_order`` and ``PerGroup``, fit every group's parameters up front
             on the original ``W`` so that the stored layout stays the ordinary one (no g_idx);
             ``False`` is refused there. Without ``act_order`` it has no effect.
+        own_H: the caller hands ``H`` over (keeps no reference): it is factorised in place and
+            freed as soon as the inverse exists, instead of copied (one n x n matrix less).
 
     Returns:
         :class:`GPTQResult`; ``result.qtensor`` is in the original column order.
@@ -107,18 +115,23 @@ def gptq_quantize(
         WT = WT[perm]
     group_of = (perm // groupsize).tolist()  # original group of each processed column
 
-    def working_hessian() -> torch.Tensor:
-        """A private (columns, columns) copy of H, dead columns fixed, in processing order."""
+    # (columns, columns) working copy of H in processing order, dead columns fixed; H itself if owned
+    if act_order:
+        Hw = H.detach().to(dtype)[perm[:, None], perm[None, :]]
+    else:
         Hw = H.detach().to(dtype)
-        Hw = Hw[perm[:, None], perm[None, :]] if act_order else Hw.clone()
-        Hw[dead[perm], dead[perm]] = 1
-        return Hw
-
-    Hinv, damp_used = _inverse_cholesky(working_hessian, percdamp, warnings)
+        if not (own_H and Hw.data_ptr() == H.data_ptr() and H.device.type == "cpu"):
+            Hw = Hw.clone()  # (an owned float32 CPU H is factorised in place, shared storage)
+    del H
+    Hw[dead[perm], dead[perm]] = 1
+    mean_diag = float(torch.diag(Hw).mean())
+    Hinv, damp_used = _inverse_cholesky(Hw, percdamp, warnings)
+    del Hw
+    damp_abs = damp_used * mean_diag
 
     QT = torch.zeros(columns, rows, dtype=torch.float32, device=WT.device)
     codesT = torch.zeros(columns, rows, dtype=torch.uint8, device=WT.device)
-    loss = 0.0  # the OBS objective, summed block by block (no full-size loss matrix)
+    row_loss = torch.zeros(rows, dtype=torch.float64, device=WT.device)  # OBS objective per output row
     fitted: list[Params] = []  # dynamic groups, in column order
 
     for i1 in range(0, columns, blocksize):
@@ -151,14 +164,18 @@ def gptq_quantize(
                 W1[i:] -= Hinv1[i, i:].unsqueeze(1) * err1.unsqueeze(0)  # rank-1 OBS update
                 Err1[i] = err1
 
-        loss += float(Losses1.sum()) / 2
+        row_loss += Losses1.sum(0).double() / 2
         WT[i2:] -= Hinv[i1:i2, i2:].T.matmul(Err1)  # the lazy batch update
 
     if dynamic:
         params = {k: torch.cat([p[k] for p in fitted], dim=1) for k in fitted[0]}  # (rows, n_groups, 1)
-    invperm = torch.argsort(perm)
-    qtensor = QTensor(fmt, (rows, columns), codesT[invperm].T.contiguous(), fmt.store_params(params))
-    return GPTQResult(qtensor, QT[invperm].T.contiguous(), loss, damp_used,
+    del WT, Hinv
+    if act_order:  # back to the original column order (each a single copy, the permuted one freed)
+        invperm = torch.argsort(perm)
+        QT, codesT = QT[invperm], codesT[invperm]
+    qtensor = QTensor(fmt, (rows, columns), codesT.T.contiguous(), fmt.store_params(params))
+    del codesT
+    return GPTQResult(qtensor, QT.T, float(row_loss.sum()), damp_used, damp_abs, row_loss,
                       int(dead.sum()), warnings)
 
 
@@ -175,32 +192,67 @@ def _check_inputs(W: torch.Tensor, H: torch.Tensor, blocksize: int, percdamp: fl
         raise ModelpressError(f"gptq: need blocksize >= 1 and percdamp >= 0, got {blocksize}, {percdamp}")
 
 
-def _inverse_cholesky(make_H: Callable[[], torch.Tensor], percdamp: float,
-                      warnings: list[str]) -> tuple[torch.Tensor, float]:
+def _inverse_cholesky(Hw: torch.Tensor, percdamp: float, warnings: list[str]) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of ``(H + damp I)^-1``; dampening grows tenfold while H is not PD.
 
-    ``make_H()`` returns a private copy of H. The factorisation, the inverse and the second
-    factorisation all run in that one buffer (no second or third n x n matrix at the peak: for a
-    5632-wide down_proj each is 127 MB); a failed try rebuilds the copy with more dampening.
+    ``Hw`` is a private copy of H that becomes the result: the factorisation, the inverse and
+    the second factorisation run in that one buffer (LAPACK in place on CPU: no second n x n
+    matrix, 127 MB each for a 5632-wide down_proj). A failed try restores it from the triangle
+    LAPACK leaves untouched and retries with more dampening.
     """
+    base = Hw.diagonal().clone()
+    mean_diag = base.mean()
+    backup = None if Hw.device.type == "cpu" else Hw.clone()  # torch's out= kernels overwrite both triangles
     tried = []
     for _ in range(MAX_DAMP_RETRIES + 1):
-        Hw = make_H()
-        Hw.diagonal().add_(percdamp * torch.mean(torch.diag(Hw)))
-        info = torch.empty((), dtype=torch.int32, device=Hw.device)
-        torch.linalg.cholesky_ex(Hw, out=(Hw, info))  # L, in place
-        if info == 0:
-            torch.cholesky_inverse(Hw, out=Hw)  # (H + damp I)^-1, in place
-            torch.linalg.cholesky_ex(Hw, upper=True, out=(Hw, info))
-            if info == 0 and torch.isfinite(Hw).all():
-                if tried:
-                    warnings.append(f"Hessian not positive definite with percdamp={tried[0]:g}; "
-                                    f"used percdamp={percdamp:g}")
-                return Hw, percdamp
-        del Hw
+        Hw.diagonal().copy_(base + percdamp * mean_diag)
+        if _upper_chol_of_inverse_(Hw):
+            if tried:
+                warnings.append(f"Hessian not positive definite with percdamp={tried[0]:g}; "
+                                f"used percdamp={percdamp:g}")
+            return Hw, percdamp
+        if backup is not None:
+            Hw.copy_(backup)
         tried.append(percdamp)
         percdamp = 10 * percdamp if percdamp > 0 else 0.01
     raise ModelpressError(f"gptq: Hessian not positive definite even with percdamp={tried[-1]:g}")
+
+
+def _upper_chol_of_inverse_(A: torch.Tensor) -> bool:
+    """Overwrite the symmetric PD ``A`` with the upper ``U`` of ``A^-1 = U^T U``; False if not PD.
+
+    On CPU this calls LAPACK's potrf / potri / potrf on the same memory (a C-contiguous
+    symmetric matrix is its own Fortran-order transpose, so the "lower" routines work in the C
+    upper triangle; torch's out= variants copy to column-major buffers first). They never touch
+    the C lower triangle, so on failure ``A`` is restored from it (all but the diagonal).
+    """
+    if A.device.type != "cpu" or not A.is_contiguous():
+        info = torch.empty((), dtype=torch.int32, device=A.device)
+        torch.linalg.cholesky_ex(A, out=(A, info))
+        if info != 0:
+            return False
+        torch.cholesky_inverse(A, out=A)
+        torch.linalg.cholesky_ex(A, upper=True, out=(A, info))
+        return bool(info == 0) and bool(torch.isfinite(A).all())
+    from scipy.linalg import lapack
+
+    F = A.numpy().T  # Fortran view of the same memory
+    potrf, potri = lapack.get_lapack_funcs(("potrf", "potri"), (F,))
+    ok = True
+    for step in (lambda a: potrf(a, lower=1, clean=0, overwrite_a=1), lambda a: potri(a, lower=1, overwrite_c=1),
+                 lambda a: potrf(a, lower=1, clean=0, overwrite_a=1)):
+        out, info = step(F)
+        if out.ctypes.data != F.ctypes.data:  # the wrapper copied after all: keep working in A
+            F[...] = out
+        if info != 0:
+            ok = False
+            break
+    if ok and bool(torch.isfinite(A).all()):
+        A.triu_()
+        return True
+    low = A.tril(-1)  # the untouched original below the diagonal
+    A.triu_(0).tril_(0).add_(low).add_(low.T)  # diagonal kept; the caller resets it
+    return False
 
 
 def _current_columns(WT: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, Hinv: torch.Tensor,

@@ -106,22 +106,27 @@ class GPTQStage:
                 install_quantized(lm.module, n, m, qt)
                 record_quantized(ctx, "rtn(fallback)", n, Ws[n], qt)
             return
-        H = acc.H
         W = torch.cat(list(Ws.values()), 0) if len(Ws) > 1 else next(iter(Ws.values()))  # (sum out_i, in)
         row = 0
         for n in Ws:  # views into W: one copy of the weights stays alive, not two
             Ws[n], row = W[row:row + Ws[n].shape[0]], row + Ws[n].shape[0]
-        res = gptq_quantize(W, H, fmt, blocksize=self.cfg.blocksize, percdamp=self.cfg.dampening_frac,
-                            act_order=self.cfg.act_order)
+        live = acc.H.diagonal() != 0  # (in,) columns some calibration input reached
+        den = {n: float(torch.einsum("oi,ij,oj->", w, acc.H, w)) for n, w in Ws.items()}  # tr(W H W^T)
+        # H is handed over (factorised in place, freed early); the output error comes from GPTQ's loss
+        res = gptq_quantize(W, acc.take_H(), fmt, blocksize=self.cfg.blocksize, percdamp=self.cfg.dampening_frac,
+                            act_order=self.cfg.act_order, own_H=True)
         row = 0
         for n, m in mods.items():
             rows = Ws[n].shape[0]
             qt, Q = _take_rows(res.qtensor, row, row + rows), res.Q[row:row + rows]
+            # tr(E H E^T) = 2 * OBS loss - damp * ||E||^2 over the live columns (see GPTQResult)
+            e2 = float((Ws[n][:, live] - Q[:, live]).pow(2).sum())
+            num = 2 * float(res.row_loss[row:row + rows].sum()) - res.damp_abs * e2
             row += rows
             for w in res.warnings:
                 ctx.warn(f"{n}: {w}")
             install_quantized(lm.module, n, m, qt)
-            record_quantized(ctx, "gptq", n, Ws[n], qt, Q, out_rel_error=_output_error(Ws[n], Q, H))
+            record_quantized(ctx, "gptq", n, Ws[n], qt, Q, out_rel_error=(max(num, 0.0) / max(den[n], 1e-20)) ** 0.5)
 
 
 def _inside(parent: str, names: list[str]) -> bool:
