@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 
 RECIPE = """name: gptq-w4-g128-fast
-description: GPTQ W4 g128 without act-order or true-sequential passes (memory check)
+description: GPTQ W4 g128, true-sequential, no act-order (memory check)
 stages:
   - method: gptq
     ignore: [lm_head]
     act_order: false
-    true_sequential: false
+    true_sequential: true
     format: {type: int, bits: 4, symmetric: true, granularity: 128}
 """
 
