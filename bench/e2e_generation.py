@@ -7,7 +7,7 @@ the same prompt and 128 new greedy tokens at batch 1):
   * ours W8 (rtn-w8, int8pack kernel, bf16 activations)
   * ours W4 (GPTQ W4 g64 from ``--w4`` if that folder exists, else rtn-w4-g64; int4pack, bf16)
   * ours W4 with the KV cache in int8 and in FP8 E4M3 (per-head scales calibrated on C4)
-  * llama.cpp on the bundled Q4_1 GGUF, when ``llama_cpp`` is importable (not built here)
+  * llama.cpp on the bundled Q4_1 GGUF (``bench/peers/llamacpp.py``; ``bash bench/setup_llamacpp.sh`` once)
 
 ΔPPL: WikiText-2 test, first 8192 tokens, 1024-token windows, scored on what each row runs (our
 rows through our runner and its cache). KV rows also give the KL of next-token distributions
@@ -147,22 +147,42 @@ def _kv_effect(runner: Any, ev: list[int], cfg: Any) -> dict[str, Any]:
 
 
 def llama_cpp_row(args: argparse.Namespace, gguf: str, tokenizer_src: str) -> dict[str, Any] | None:
-    """llama.cpp decode tokens/s on the Q4_1 GGUF (EOS banned so that it generates every token)."""
-    try:
-        import llama_cpp
-    except ImportError:
-        return None
-    torch.set_num_threads(args.threads)
+    """llama.cpp decode tokens/s and perplexity on the Q4_1 GGUF (greedy, every token generated).
+
+    llama.cpp is reached through ``bench/peers/llamacpp.py`` (llama-cpp-python, or the prebuilt
+    library ``bench/setup_llamacpp.sh`` unpacks); the prompt and eval ids come from the same tokenizer.
+    """
+    sys.path.insert(0, str(HERE))
+    from peers.llamacpp import open_llamacpp
+
+    import modelpress as mp
+    from modelpress.eval.perplexity import perplexity
     from modelpress.eval.size import peak_rss_bytes
 
-    llm = llama_cpp.Llama(model_path=gguf, n_threads=args.threads, n_ctx=512, verbose=False)
-    bias = {llm.token_eos(): -1e9}
-    run = lambda: _time(lambda: llm(PROMPT, max_tokens=args.new_tokens, temperature=0.0, logit_bias=bias))  # noqa: E731
-    run()
-    times = [run() for _ in range(args.repeats)]
-    return {"kind": "llama.cpp", "model": gguf, "dtype": "Q4_1", "kv_cache": "f16",
-            "tokens_per_s": args.new_tokens / statistics.median(times), "tokens_per_s_best": args.new_tokens / min(times),
-            "peak_rss_bytes": peak_rss_bytes(), "perplexity": None, "llama_cpp": llama_cpp.__version__}
+    peer, why = open_llamacpp(gguf, n_threads=args.threads, n_ctx=max(512, args.eval_seq_len))
+    if peer is None:
+        print(f"llama.cpp row skipped: {why}", file=sys.stderr, flush=True)
+        return None
+    prompt, ev = _ids(mp.load(tokenizer_src).tokenizer, args)
+    ids = prompt[0].tolist()
+    peer.decode_tokens_per_s(ids, args.new_tokens)  # warm-up
+    rates = [peer.decode_tokens_per_s(ids, args.new_tokens) for _ in range(args.repeats)]
+    res = {"kind": "llama.cpp", "model": gguf, "dtype": "Q4_1", "kv_cache": "f16",
+           "tokens_per_s": statistics.median(rates), "tokens_per_s_best": max(rates), "llama_cpp": peer.version}
+    res["perplexity"] = perplexity(_PeerLM(peer), ev, args.eval_seq_len).perplexity
+    res["peak_rss_bytes"] = peak_rss_bytes()
+    return res
+
+
+class _PeerLM(torch.nn.Module):
+    """llama.cpp's logits seen as a model, so the same perplexity code scores it."""
+
+    def __init__(self, peer: Any) -> None:
+        super().__init__()
+        self.peer = peer
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (1, seq) -> (1, seq, vocab)
+        return torch.from_numpy(self.peer.logits(ids[0].tolist()))[None]
 
 
 def main() -> int:
@@ -246,7 +266,7 @@ def write(out: str, args: argparse.Namespace, paths: dict[str, str], rows: list[
                          f"{r['kv_bytes_full_context_float'] / 2**20:.1f} MiB | "
                          f"{1 - r['kv_bytes_full_context'] / r['kv_bytes_full_context_float']:.0%} | {r['kv_kl_2048']:.2e} |")
     if llama_cpp_missing:
-        lines += ["", "llama.cpp: `llama_cpp` not importable in this environment; row not measured."]
+        lines += ["", "llama.cpp: not available here (run `bash bench/setup_llamacpp.sh`); row not measured."]
     Path(out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

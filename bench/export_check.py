@@ -6,8 +6,9 @@ read every export back with other people's code and compare with our own dequant
 * compressed-tensors: the library's own compressors decompress each layer (max |Δw|), and
   ``transformers.AutoModelForCausalLM.from_pretrained`` loads the folder (logits vs ours);
 * GGUF: ``gguf.GGUFReader`` + ``gguf.quants.dequantize`` tensor by tensor, ``from_pretrained(...,
-  gguf_file=...)`` logits, and llama.cpp through ``llama-cpp-python`` when it is installed
-  (cosine of the logits on the prompt);
+  gguf_file=...)`` logits, and llama.cpp's own logits on the file (``bench/peers/llamacpp.py``:
+  llama-cpp-python if installed, else the prebuilt library ``bash bench/setup_llamacpp.sh`` unpacks;
+  cosine of the logits on the prompt);
 * HF: ``from_pretrained`` logits.
 
     python bench/export_check.py --out bench/results/export_check
@@ -18,6 +19,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -145,14 +147,15 @@ def _our_tensors(lm: Any, cfg: Any) -> dict[str, np.ndarray]:
 
 
 def llama_cpp_check(path: Path, ids: torch.Tensor, ours: torch.Tensor) -> dict[str, Any]:
-    try:
-        from llama_cpp import Llama
-    except ImportError as e:
-        return {"status": f"not installed ({e})"}
-    llm = Llama(model_path=str(path), n_ctx=max(256, ids.shape[1] + 8), logits_all=True, n_threads=2, verbose=False)
-    llm.eval(ids[0].tolist())
-    theirs = torch.from_numpy(np.array(llm.scores[: ids.shape[1]], dtype=np.float32))
-    del llm
+    """llama.cpp's own logits on our GGUF (``bench/peers/llamacpp.py``: llama-cpp-python or the prebuilt library)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from peers.llamacpp import open_llamacpp
+
+    peer, why = open_llamacpp(str(path), n_threads=2, n_ctx=max(256, ids.shape[1] + 8))
+    if peer is None:
+        return {"status": f"not available ({why})"}
+    theirs = torch.from_numpy(peer.logits(ids[0].tolist()))
+    del peer
     return {"status": "ok", **logit_stats(theirs, ours)}
 
 
