@@ -15,16 +15,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ....calib.obs import inverse_cholesky_, quantize_column
 from ....core.errors import ModelpressError
 from ....core.threads import torch_threads
 from ....quant.formats.base import Params, QTensor, WeightFormat
 from ....quant.granularity import PerGroup
 from ...masks import _prune_lowest
 from ...patterns import NM, SparsityPattern, Unstructured
-
-#: How many times the dampening is raised tenfold before giving up on a non-PD Hessian.
-MAX_DAMP_RETRIES = 4
-
 
 @dataclass
 class SparseGPTResult:
@@ -91,7 +88,7 @@ def sparsegpt_prune(
     fitted: list[Params] = []
     codes = torch.zeros(rows, columns, dtype=torch.uint8, device=W.device) if fmt is not None else None
 
-    Hinv, damp_used = _inverse_cholesky(H, percdamp, warnings)
+    Hinv, damp_used = inverse_cholesky_(H.contiguous(), percdamp, warnings, who="sparsegpt")
     del H
 
     keep = torch.ones(rows, columns, dtype=torch.bool, device=W.device)
@@ -133,7 +130,7 @@ def sparsegpt_prune(
                 if fmt is not None:
                     if dynamic and (i1 + i) % groupsize == 0:
                         fitted.append(_fit_group(fmt, W, W1, Err1, Hinv, mask1, i1, i, groupsize))
-                    c, qv = _quantize_column(fmt, q, fitted[-1] if dynamic else params)
+                    c, qv = quantize_column(fmt, q, fitted[-1] if dynamic else params)
                     q = torch.where(mask1[:, i], torch.zeros_like(qv), qv).to(dtype)
                     codes[:, i1 + i] = c
 
@@ -152,28 +149,6 @@ def sparsegpt_prune(
     if fmt is not None:
         qt = _qtensor(fmt, codes, fitted if dynamic else None, params, keep, (rows, columns))
     return SparseGPTResult(W.to(torch.float32), keep, loss, damp_used, qt, warnings)
-
-
-def _inverse_cholesky(H: torch.Tensor, percdamp: float, warnings: list[str]) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + percdamp * mean(diag H) I)^-1``; dampening x10 while not PD."""
-    mean_diag, eye = torch.diag(H).mean(), torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    first = percdamp
-    for _ in range(MAX_DAMP_RETRIES + 1):
-        L, info = torch.linalg.cholesky_ex(H + percdamp * mean_diag * eye)
-        if info == 0:
-            Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if info == 0 and torch.isfinite(Hinv).all():
-                if percdamp != first:
-                    warnings.append(f"Hessian not positive definite with percdamp={first:g}; used {percdamp:g}")
-                return Hinv, percdamp
-        percdamp = 10 * percdamp if percdamp > 0 else 0.01
-    raise ModelpressError(f"sparsegpt: Hessian not positive definite even with percdamp={percdamp / 10:g}")
-
-
-def _quantize_column(fmt: WeightFormat, w: torch.Tensor, p: Params) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes (rows,) uint8 and dequantised values (rows,) float32 of one column."""
-    c = fmt.encode(w.view(-1, 1, 1), p)  # (rows, 1, 1)
-    return c.view(-1), fmt.decode(c, p).view(-1).to(torch.float32)
 
 
 def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
