@@ -7,6 +7,7 @@ it is never chosen automatically, only when named.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import torch
@@ -18,7 +19,7 @@ from ..quant.qlinear import QuantLinear
 from .registry import KERNELS
 
 
-class KernelLinear(nn.Module):
+class KernelLinear(nn.Module, ABC):
     """Base of kernel-backed linears: remembers shape, kernel name and the compute dtype.
 
     ``forward`` casts the input to the kernel's compute dtype and the result back, so a kernel that
@@ -40,8 +41,9 @@ class KernelLinear(nn.Module):
             y = y + self.bias
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
+    @abstractmethod
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """(tokens, in) in ``compute_dtype`` -> (tokens, out): the kernel itself."""
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel_name}, " \

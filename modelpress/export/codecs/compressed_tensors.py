@@ -20,6 +20,7 @@ anything else has no compressed-tensors format: those raise :class:`Unrepresenta
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -30,16 +31,18 @@ from ...quant.granularity import PerChannel, PerGroup, PerTensor
 from ..plan import Unrepresentable
 
 
-class CTCodec:
+class CTCodec(ABC):
     """Base class: ``weight_args`` (the scheme's ``weights`` dict), ``compression_format``, ``encode``."""
 
     compression_format: str = ""
 
+    @abstractmethod
     def weight_args(self, fmt: WeightFormat, shape: tuple[int, int]) -> dict[str, Any]:
-        raise NotImplementedError
+        """The scheme's ``weights`` arguments for a layer of this format and shape."""
 
+    @abstractmethod
     def encode(self, qt: QTensor) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The stored tensors (suffix -> tensor) of one layer."""
 
 
 #: our format tag -> codec class.
