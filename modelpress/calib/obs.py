@@ -83,3 +83,11 @@ def quantize_column(fmt: WeightFormat, w: torch.Tensor, p: Params) -> tuple[torc
     """Codes (rows,) uint8 and dequantised values (rows,) float32 of one column."""
     c = fmt.encode(w.view(-1, 1, 1), p)  # (rows, 1, 1)
     return c.view(-1), fmt.decode(c, p).view(-1).to(torch.float32)
+
+
+def output_rel_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    """Relative output error on the calibration inputs: sqrt(tr(E H E^T) / tr(W H W^T))."""
+    E = W - Q
+    num = torch.einsum("oi,ij,oj->", E, H, E)
+    den = torch.einsum("oi,ij,oj->", W, H, W).clamp_min(1e-20)
+    return float((num / den).clamp_min(0).sqrt())

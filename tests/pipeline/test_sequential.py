@@ -96,10 +96,10 @@ def test_offloaded_activation_cache_gives_identical_result(tmp_path, calib):
 
 def test_true_sequential_replays_submodules_with_identical_result(calib, monkeypatch):
     """q/k/v -> o and gate/up -> down replay the attention / MLP from recorded inputs: same codes, fewer block calls."""
-    from modelpress.quant.algos.gptq import method as gptq_method
+    from modelpress.pipeline import observed
 
     def run(max_bytes):
-        monkeypatch.setattr(gptq_method, "REPLAY_MAX_BYTES", max_bytes)
+        monkeypatch.setattr(observed, "REPLAY_MAX_BYTES", max_bytes)
         lm = mp.load(make_tiny_llama(seed=11, layers=2))
         calls = []
         for blk in lm.module.model.layers:

@@ -19,6 +19,7 @@ from ...models.archspec import ArchSpec
 from ...models.layers import linear_shape, set_submodule
 from ...models.loading import LoadedModel
 from ...pipeline.methods import METHODS, LayerRecord, MethodConfig, MethodEntry, RunContext, select_layers
+from ...pipeline.observed import layer_groups, shared_input_sets
 from ...pipeline.sequential import BlockInputs, last_module
 from .dejavu import DejaVuMLP, neuron_scores, recall, topk_mask, train_predictor
 from .teal import ThresholdLinear, magnitude_threshold
@@ -68,28 +69,6 @@ def _sample_batches(inputs: BlockInputs, max_tokens: int) -> int:
     return max(1, math.ceil(max_tokens / per_batch))
 
 
-def _sequential_groups(spec: ArchSpec | None, prefix: str, names: list[str]) -> list[list[str]]:
-    """``names`` split in the spec's calibration order (later groups see earlier ones sparse)."""
-    groups, placed = [], set()
-    for roles in (spec.sequential if spec else ()):
-        g = [n for n in (f"{prefix}.{spec.roles[r]}" for r in roles if r in spec.roles) if n in names]
-        placed.update(g)
-        groups += [g] if g else []
-    rest = [n for n in names if n not in placed]
-    return groups + ([rest] if rest else [])
-
-
-def _shared_input_sets(spec: ArchSpec | None, prefix: str, group: list[str]) -> list[list[str]]:
-    """Layers of ``group`` that read one tensor (from the spec's scale mappings) form one set."""
-    left, sets = list(group), []
-    for _prev, roles in (spec.scale_mappings if spec else ()):
-        s = [n for n in (f"{prefix}.{spec.roles[r]}" for r in roles if r in spec.roles) if n in left]
-        if s:
-            sets.append(s)
-            left = [n for n in left if n not in s]
-    return sets + [[n] for n in left]
-
-
 # ---- TEAL ----------------------------------------------------------------------------------------
 class TEALStage:
     """Per block: capture each input's |x| (first calibration batches), take the quantile, wrap the layers."""
@@ -101,8 +80,8 @@ class TEALStage:
                       inputs: BlockInputs, ctx: RunContext) -> None:
         names = [n for n in sorted(self.selected) if n.startswith(prefix + ".")]
         n_batches = _sample_batches(inputs, self.cfg.max_calib_tokens)
-        for group in _sequential_groups(lm.spec, prefix, names):
-            sets = _shared_input_sets(lm.spec, prefix, group)
+        for group in layer_groups(lm.spec, prefix, names):
+            sets = shared_input_sets(lm.spec, prefix, group)
             mods = {s[0]: lm.module.get_submodule(s[0]) for s in sets}
             seen: dict[str, list[torch.Tensor]] = {n: [] for n in mods}
 

@@ -11,10 +11,10 @@ from typing import Literal, Optional
 import torch.nn as nn
 from pydantic import Field
 
+from ....calib.obs import output_rel_error
 from ....calib.stats import HessianAccumulator
 from ....models.loading import LoadedModel
 from ....pipeline.methods import METHODS, MethodEntry, RunContext, layer_weight
-from ....quant.algos.gptq.method import _output_error
 from ....quant.apply import install_quantized, record_quantized
 from ....quant.fields import FormatField
 from ...apply import install_pruned, record_pruned
@@ -56,7 +56,7 @@ def sparsegpt_stage(lm: LoadedModel, cfg: SparseGPTConfig) -> CalibratedPruneSta
                               percdamp=cfg.dampening_frac, fmt=cfg.format)
         for w in res.warnings:
             ctx.warn(f"{name}: {w}")
-        err = _output_error(W, res.W, acc.H)
+        err = output_rel_error(W, res.W, acc.H)
         if res.qtensor is not None:
             install_quantized(lm.module, name, module, res.qtensor)
             rec = record_quantized(ctx, "sparsegpt", name, W, res.qtensor, res.W, out_rel_error=err)
