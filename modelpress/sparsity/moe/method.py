@@ -17,6 +17,7 @@ and the layer record). Then:
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Literal
 
 import torch
@@ -134,8 +135,10 @@ def expert_outputs(experts: nn.Module, X: torch.Tensor, n_experts: int) -> torch
 
 
 # ---- stages --------------------------------------------------------------------------------------
-class MoEPruneStage:
-    def __init__(self, cfg: MoEPruneConfig, blocks: set[int]) -> None:
+class _MoEStage(ABC):
+    """Shared prologue of the expert stages: only the chosen blocks, a valid ``keep``, then ``_apply``."""
+
+    def __init__(self, cfg: MoEPruneConfig | MoEMergeConfig, blocks: set[int]) -> None:
         self.cfg, self.blocks = cfg, blocks
 
     def process_block(self, lm: LoadedModel, index: int, block: nn.Module, prefix: str,
@@ -145,6 +148,17 @@ class MoEPruneStage:
         moe = _moe_spec(lm)
         n_exp = _num_experts(block, moe)
         _check_keep(lm, moe, self.cfg.keep, n_exp)
+        self._apply(lm, block, prefix, moe, n_exp, inputs, ctx)
+
+    @abstractmethod
+    def _apply(self, lm: LoadedModel, block: nn.Module, prefix: str, moe: MoESpec, n_exp: int,
+               inputs: BlockInputs, ctx: RunContext) -> None:
+        """Prune or merge this block's experts."""
+
+
+class MoEPruneStage(_MoEStage):
+    def _apply(self, lm: LoadedModel, block: nn.Module, prefix: str, moe: MoESpec, n_exp: int,
+               inputs: BlockInputs, ctx: RunContext) -> None:
         usage, _ = _observe(block, moe, inputs)
         dropped = least_used(usage, n_exp - self.cfg.keep)
         kept = [e for e in range(n_exp) if e not in dropped]
@@ -158,17 +172,9 @@ class MoEPruneStage:
                       [f"dropped experts={dropped}", f"routed token slots lost={lost}/{int(usage.tokens.sum())}"])
 
 
-class MoEMergeStage:
-    def __init__(self, cfg: MoEMergeConfig, blocks: set[int]) -> None:
-        self.cfg, self.blocks = cfg, blocks
-
-    def process_block(self, lm: LoadedModel, index: int, block: nn.Module, prefix: str,
-                      inputs: BlockInputs, ctx: RunContext) -> None:
-        if index not in self.blocks:
-            return
-        moe = _moe_spec(lm)
-        n_exp = _num_experts(block, moe)
-        _check_keep(lm, moe, self.cfg.keep, n_exp)
+class MoEMergeStage(_MoEStage):
+    def _apply(self, lm: LoadedModel, block: nn.Module, prefix: str, moe: MoESpec, n_exp: int,
+               inputs: BlockInputs, ctx: RunContext) -> None:
         usage, X = _observe(block, moe, inputs, self.cfg.similarity_tokens)
         experts, router = block.get_submodule(moe.experts), block.get_submodule(moe.router)
         groups = cluster_experts(cosine_similarity_matrix(expert_outputs(experts, X, n_exp)), self.cfg.keep)
