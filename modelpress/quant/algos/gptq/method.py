@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
+from ....calib.obs import output_rel_error
 from ....calib.stats import HessianAccumulator
 from ....models.loading import LoadedModel
 from ....pipeline.methods import METHODS, MethodConfig, MethodEntry, RunContext, layer_weight, select_layers
@@ -48,6 +49,13 @@ class GPTQStage(ObservedBlockStage):
     def _quantize_set(self, lm: LoadedModel, mods: dict[str, nn.Module], acc: HessianAccumulator,
                       ctx: RunContext, own_H: bool = True) -> None:
         fmt = self.cfg.format
+        masked = {n: m for n, m in mods.items() if getattr(m, "layer_tag", None) == "sparse"}
+        if masked and acc.nsamples > 0:  # pruned earlier: plain GPTQ would refill the zeros
+            for n, m in masked.items():
+                self._quantize_masked(lm, n, m, acc, ctx)
+            mods = {n: m for n, m in mods.items() if n not in masked}
+            if not mods:
+                return
         if len(mods) > 1 and not _row_wise(fmt):  # one at a time; only the last may consume H
             for i, (n, m) in enumerate(mods.items()):
                 self._quantize_set(lm, {n: m}, acc, ctx, own_H=i == len(mods) - 1)
@@ -81,6 +89,27 @@ class GPTQStage(ObservedBlockStage):
                 ctx.warn(f"{n}: {w}")
             install_quantized(lm.module, n, m, qt)
             record_quantized(ctx, "gptq", n, Ws[n], qt, Q, out_rel_error=(max(num, 0.0) / max(den[n], 1e-20)) ** 0.5)
+
+
+    def _quantize_masked(self, lm: LoadedModel, name: str, module: nn.Module, acc: HessianAccumulator,
+                         ctx: RunContext) -> None:
+        """GPTQ that keeps an earlier stage's zeros: error feedback only into the kept weights.
+
+        This is SparseGPT's joint pass with the mask fixed (OBS over the kept weights, pruned ones
+        pinned to the exact-zero code), so ``prune -> gptq`` recipes keep their sparsity pattern.
+        Activation order is not used on this path.
+        """
+        from ....sparsity.algos.sparsegpt.sparsegpt import sparsegpt_prune
+
+        W = module.effective_weight().detach().to(torch.float32, copy=True)  # (out, in), zeros where pruned
+        res = sparsegpt_prune(W, acc.H, module.pattern, blocksize=self.cfg.blocksize,
+                              percdamp=self.cfg.dampening_frac, fmt=self.cfg.format, mask=module.mask)
+        for w in res.warnings:
+            ctx.warn(f"{name}: {w}")
+        install_quantized(lm.module, name, module, res.qtensor)
+        rec = record_quantized(ctx, "gptq", name, W, res.qtensor, res.W, out_rel_error=output_rel_error(W, res.W, acc.H))
+        rec.notes.append(f"kept the earlier stage's zeros (sparsity {1 - float(res.mask.float().mean()):.4f}, "
+                         f"{module.pattern.to_dict()}): OBS updates only into kept weights; act_order not used")
 
 
 def _row_wise(fmt: WeightFormat) -> bool:
