@@ -65,7 +65,8 @@ def _print_layers(layers: list[dict[str, Any]], limit: int = 400) -> None:
     if not layers:
         return
     t = Table(title="per-layer result", show_lines=False)
-    for col in ("layer", "method", "bits/w", "rel. weight err", "rel. output err"):
+    t.add_column("layer", overflow="fold")  # the whole name, wrapped: q/k/v differ only at the end
+    for col in ("method", "bits/w", "rel. weight err", "rel. output err"):
         t.add_column(col)
     for r in layers[:limit]:
         f = lambda v, n=4: "-" if v is None else f"{v:.{n}f}"  # noqa: E731
@@ -120,7 +121,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _print_inspect(summary: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     out = Console()
     t = Table(title=f"{summary['model']} ({summary['arch']}, {summary['params']:,} params, {summary['memory_bytes'] / 2**20:.1f} MiB)")
-    for col in ("layer", "role", "type", "shape", "params", "format"):
+    t.add_column("layer", overflow="fold")
+    for col in ("role", "type", "shape", "params", "format"):
         t.add_column(col)
     for r in rows:
         fmt = ", ".join(f"{k}={v}" for k, v in r["format"].items())
