@@ -163,12 +163,16 @@ def llama_cpp_row(args: argparse.Namespace, gguf: str, tokenizer_src: str) -> di
     if peer is None:
         print(f"llama.cpp row skipped: {why}", file=sys.stderr, flush=True)
         return None
-    prompt, ev = _ids(mp.load(tokenizer_src).tokenizer, args)
+    from modelpress.models.loading import try_tokenizer
+
+    tok = try_tokenizer(str(Path(gguf).parent), gguf_file=Path(gguf).name)  # the GGUF's own: no model load
+    prompt, ev = _ids(tok or mp.load(tokenizer_src).tokenizer, args)
     ids = prompt[0].tolist()
     peer.decode_tokens_per_s(ids, args.new_tokens)  # warm-up
     rates = [peer.decode_tokens_per_s(ids, args.new_tokens) for _ in range(args.repeats)]
     res = {"kind": "llama.cpp", "model": gguf, "dtype": "Q4_1", "kv_cache": "f16",
-           "tokens_per_s": statistics.median(rates), "tokens_per_s_best": max(rates), "llama_cpp": peer.version}
+           "tokens_per_s": statistics.median(rates), "tokens_per_s_best": max(rates), "llama_cpp": peer.version,
+           "rss_after_generation_bytes": _rss()}
     res["perplexity"] = perplexity(_PeerLM(peer), ev, args.eval_seq_len).perplexity
     res["peak_rss_bytes"] = peak_rss_bytes()
     return res
@@ -225,7 +229,7 @@ def main() -> int:
         rows.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "kernels"}), flush=True)
         write(args.out, args, paths, rows)
-    gguf = str(resolve_bundled(args.model.removeprefix("bundled:"))) if args.model.startswith("bundled:") else None
+    gguf = str(resolve_bundled(args.model)) if args.model.startswith("bundled:") else None
     lc = run_in_subprocess(llama_cpp_row, args=args, gguf=gguf, tokenizer_src=tok_src) if gguf else None
     if lc:
         lc["row"] = "llama.cpp Q4_1"
@@ -251,12 +255,16 @@ def write(out: str, args: argparse.Namespace, paths: dict[str, str], rows: list[
              f"W4 model: `{paths['w4']}`. ΔPPL: WikiText-2 first {args.eval_tokens} tokens, {args.eval_seq_len}-token "
              f"windows, against transformers fp32. Load average at the end: "
              f"{', '.join(f'{x:.1f}' for x in meta['load_avg'])} (shared 2-core machine).", "",
-             "| row | tokens/s | x transformers fp32 | peak RSS MiB | PPL | ΔPPL |", "|---|---|---|---|---|---|"]
+             "RSS after generation: the process after loading and generating (what serving holds); peak RSS also "
+             "covers the perplexity pass (1024-token windows of 49k-vocab logits).", "",
+             "| row | tokens/s | x transformers fp32 | RSS after generation MiB | peak RSS MiB | PPL | ΔPPL |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         ppl = f"{r['perplexity']:.3f}" if r.get("perplexity") is not None else "-"
         d = f"{r['delta_ppl_pct']:+.2f}%" if r.get("delta_ppl_pct") is not None else "-"
+        gen_rss = f"{r['rss_after_generation_bytes'] / 2**20:.0f}" if r.get("rss_after_generation_bytes") else "-"
         lines.append(f"| {r['row']} | {r['tokens_per_s']:.1f} | {r.get('speedup_vs_transformers_fp32', float('nan')):.2f} | "
-                     f"{r['peak_rss_bytes'] / 2**20:.0f} | {ppl} | {d} |")
+                     f"{gen_rss} | {r['peak_rss_bytes'] / 2**20:.0f} | {ppl} | {d} |")
     kv = [r for r in rows if "kv_kl_2048" in r]
     if kv:
         lines += ["", "| KV cache | bytes at full context | float cache bytes | saved | KL vs float cache (2048 tokens) |",
