@@ -6,6 +6,8 @@ the same prompt and 128 new greedy tokens at batch 1):
   * ours fp32 / bf16 (static KV cache, float weights)
   * ours W8 (rtn-w8, int8pack kernel, bf16 activations)
   * ours W4 (GPTQ W4 g64 from ``--w4`` if that folder exists, else rtn-w4-g64; int4pack, bf16)
+  * ours W4 with the LM head in int8 (per channel; the 49k x 576 head is the largest matmul), eager
+    and with the decode step through ``torch.compile``
   * ours W4 with the KV cache in int8 and in FP8 E4M3 (per-head scales calibrated on C4)
   * llama.cpp on the bundled Q4_1 GGUF (``bench/peers/llamacpp.py``; ``bash bench/setup_llamacpp.sh`` once)
 
@@ -54,6 +56,13 @@ def prepare(args: argparse.Namespace) -> dict[str, str]:
                 lm2 = mp.load(copy.deepcopy(lm.module))
                 lm2.tokenizer, lm2.source = lm.tokenizer, lm.source
                 mp.save(lm2, paths[key], recipe=recipe, report=mp.compress(lm2, recipe, progress=False))
+    paths["w4_head8"] = Path(str(paths["w4"]) + "-lmhead-w8")
+    if not paths["w4_head8"].exists():  # the same W4 weights plus an int8 LM head (the largest single matmul)
+        lm = mp.load(str(paths["w4"]))
+        rec = {"name": "lm_head-w8", "description": f"rtn int8 per-channel lm_head on top of {paths['w4'].name}",
+               "stages": [{"method": "rtn", "targets": ["lm_head"], "ignore": [],
+                           "format": {"type": "int", "bits": 8, "granularity": "channel"}}]}
+        mp.save(lm, paths["w4_head8"], recipe=rec, report=mp.compress(lm, rec, progress=False))
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -71,7 +80,8 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def row(kind: str, path: str, dtype: str, kv: str | None, args: argparse.Namespace, tokenizer_src: str) -> dict[str, Any]:
+def row(kind: str, path: str, dtype: str, kv: str | None, args: argparse.Namespace, tokenizer_src: str,
+        compile: bool = False) -> dict[str, Any]:
     """Measure one configuration (runs in a fresh process)."""
     torch.set_num_threads(args.threads)
     os.environ["MODELPRESS_PROGRESS"] = "0"
@@ -83,7 +93,8 @@ def row(kind: str, path: str, dtype: str, kv: str | None, args: argparse.Namespa
     lm = mp.load(path)
     tok = lm.tokenizer or mp.load(tokenizer_src).tokenizer
     prompt, ev = _ids(tok, args)
-    res: dict[str, Any] = {"kind": kind, "model": path, "dtype": dtype, "kv_cache": kv or dtype}
+    res: dict[str, Any] = {"kind": kind, "model": path, "dtype": dtype, "kv_cache": kv or dtype,
+                           "compiled": compile or args.compile}
     if kind == "transformers":
         model = lm.module.eval()
         gen = lambda: _time(lambda: model.generate(prompt, max_new_tokens=args.new_tokens,  # noqa: E731
@@ -99,7 +110,7 @@ def row(kind: str, path: str, dtype: str, kv: str | None, args: argparse.Namespa
         plan = install_kernels(lm.module, dtype=dt)
         cast_float_parts(lm.module, dt)
         res["kernels"] = plan.to_dict()
-        runner = LlamaRunner(lm.module, max_len=max(args.eval_seq_len, 2048) + 8, compile=args.compile)
+        runner = LlamaRunner(lm.module, max_len=max(args.eval_seq_len, 2048) + 8, compile=compile or args.compile)
         if kv:
             calib = mp.calibration_for(lm, args.calib, 16, 512) if lm.tokenizer else None
             runner.kv_quant = KVCacheQuant.calibrate(runner, calib, kind=kv)
@@ -214,14 +225,17 @@ def main() -> int:
                ("ours bf16", "ours", paths["fp32"], "bfloat16", None),
                ("ours W8 (rtn-w8)", "ours", paths["w8"], "bfloat16", None),
                (f"ours W4 ({Path(paths['w4']).name})", "ours", paths["w4"], "bfloat16", None),
-               (f"ours W4 + int8 KV", "ours", paths["w4"], "bfloat16", "int8"),
-               (f"ours W4 + fp8 KV", "ours", paths["w4"], "bfloat16", "fp8")]
+               ("ours W4 + int8 LM head", "ours", paths["w4_head8"], "bfloat16", None),
+               ("ours W4 + int8 LM head, torch.compile", "ours", paths["w4_head8"], "bfloat16", None, True),
+               ("ours W4 + int8 KV", "ours", paths["w4"], "bfloat16", "int8"),
+               ("ours W4 + fp8 KV", "ours", paths["w4"], "bfloat16", "fp8")]
     rows = []
-    for name, kind, path, dtype, kv in configs:
+    for name, kind, path, dtype, kv, *compiled in configs:
         if args.only and name not in args.only:
             continue
         try:
-            r = run_in_subprocess(row, kind=kind, path=path, dtype=dtype, kv=kv, args=args, tokenizer_src=tok_src)
+            r = run_in_subprocess(row, kind=kind, path=path, dtype=dtype, kv=kv, args=args, tokenizer_src=tok_src,
+                                  compile=bool(compiled and compiled[0]))
         except Exception as e:  # a failed row is reported, the others still run
             print(f"row {name!r} failed: {e}", file=sys.stderr, flush=True)
             continue
