@@ -225,6 +225,7 @@ def main() -> int:
                ("ours bf16", "ours", paths["fp32"], "bfloat16", None),
                ("ours W8 (rtn-w8)", "ours", paths["w8"], "bfloat16", None),
                (f"ours W4 ({Path(paths['w4']).name})", "ours", paths["w4"], "bfloat16", None),
+               (f"ours W4 ({Path(paths['w4']).name}), torch.compile", "ours", paths["w4"], "bfloat16", None, True),
                ("ours W4 + int8 LM head", "ours", paths["w4_head8"], "bfloat16", None),
                ("ours W4 + int8 LM head, torch.compile", "ours", paths["w4_head8"], "bfloat16", None, True),
                ("ours W4 + int8 KV", "ours", paths["w4"], "bfloat16", "int8"),
