@@ -7,7 +7,8 @@ the same prompt and 128 new greedy tokens at batch 1):
   * ours W8 (rtn-w8, int8pack kernel, bf16 activations)
   * ours W4 (GPTQ W4 g64 from ``--w4`` if that folder exists, else rtn-w4-g64; int4pack, bf16)
   * ours W4 with the LM head in int8 (per channel; the 49k x 576 head is the largest matmul), eager
-    and with the decode step through ``torch.compile``
+    and with the decode step through ``torch.compile``; with q/k/v and gate/up fused into one packed
+    matmul each (``modelpress.kernels.fuse_projections``)
   * ours W4 with the KV cache in int8 and in FP8 E4M3 (per-head scales calibrated on C4)
   * llama.cpp on the bundled Q4_1 GGUF (``bench/peers/llamacpp.py``; ``bash bench/setup_llamacpp.sh`` once)
 
@@ -81,7 +82,7 @@ def _rss() -> int:
 
 
 def row(kind: str, path: str, dtype: str, kv: str | None, args: argparse.Namespace, tokenizer_src: str,
-        compile: bool = False) -> dict[str, Any]:
+        compile: bool = False, fuse: bool = False) -> dict[str, Any]:
     """Measure one configuration (runs in a fresh process)."""
     torch.set_num_threads(args.threads)
     os.environ["MODELPRESS_PROGRESS"] = "0"
@@ -94,7 +95,7 @@ def row(kind: str, path: str, dtype: str, kv: str | None, args: argparse.Namespa
     tok = lm.tokenizer or mp.load(tokenizer_src).tokenizer
     prompt, ev = _ids(tok, args)
     res: dict[str, Any] = {"kind": kind, "model": path, "dtype": dtype, "kv_cache": kv or dtype,
-                           "compiled": compile or args.compile}
+                           "compiled": compile or args.compile, "fused_projections": fuse}
     if kind == "transformers":
         model = lm.module.eval()
         gen = lambda: _time(lambda: model.generate(prompt, max_new_tokens=args.new_tokens,  # noqa: E731
@@ -107,6 +108,10 @@ def row(kind: str, path: str, dtype: str, kv: str | None, args: argparse.Namespa
         from modelpress.kernels.kvcache import KVCacheQuant
 
         dt = getattr(torch, dtype)
+        if fuse:  # q/k/v and gate/up as one packed matmul each
+            from modelpress.kernels import fuse_projections
+
+            res["fused_modules"] = fuse_projections(lm.module)
         plan = install_kernels(lm.module, dtype=dt)
         cast_float_parts(lm.module, dt)
         res["kernels"] = plan.to_dict()
@@ -226,6 +231,9 @@ def main() -> int:
                ("ours W8 (rtn-w8)", "ours", paths["w8"], "bfloat16", None),
                (f"ours W4 ({Path(paths['w4']).name})", "ours", paths["w4"], "bfloat16", None),
                (f"ours W4 ({Path(paths['w4']).name}), torch.compile", "ours", paths["w4"], "bfloat16", None, True),
+               (f"ours W4 ({Path(paths['w4']).name}), fused q/k/v + gate/up, torch.compile", "ours", paths["w4"],
+                "bfloat16", None, True, True),
+               ("ours W4 + int8 LM head, fused, torch.compile", "ours", paths["w4_head8"], "bfloat16", None, True, True),
                ("ours W4 + int8 LM head", "ours", paths["w4_head8"], "bfloat16", None),
                ("ours W4 + int8 LM head, torch.compile", "ours", paths["w4_head8"], "bfloat16", None, True),
                ("ours W4 + int8 KV", "ours", paths["w4"], "bfloat16", "int8"),
@@ -236,7 +244,7 @@ def main() -> int:
             continue
         try:
             r = run_in_subprocess(row, kind=kind, path=path, dtype=dtype, kv=kv, args=args, tokenizer_src=tok_src,
-                                  compile=bool(compiled and compiled[0]))
+                                  compile=bool(compiled and compiled[0]), fuse=len(compiled) > 1 and compiled[1])
         except Exception as e:  # a failed row is reported, the others still run
             print(f"row {name!r} failed: {e}", file=sys.stderr, flush=True)
             continue

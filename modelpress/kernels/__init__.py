@@ -6,8 +6,8 @@ model's quantised linears for their kernels; ``generate`` runs Llama-family deco
 (optionally quantised) KV cache.
 """
 from . import cpu, cuda, reference  # noqa: F401  (registration)
-from .install import cast_float_parts, install_kernels
+from .install import cast_float_parts, fuse_projections, install_kernels
 from .registry import ENV_VAR, KERNELS, KernelPlan, prefer_kernel, requested_kernel, select_kernel
 
-__all__ = ["ENV_VAR", "KERNELS", "KernelPlan", "cast_float_parts", "install_kernels", "prefer_kernel",
+__all__ = ["ENV_VAR", "KERNELS", "KernelPlan", "cast_float_parts", "fuse_projections", "install_kernels", "prefer_kernel",
            "requested_kernel", "select_kernel"]

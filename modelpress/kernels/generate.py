@@ -94,15 +94,23 @@ class LlamaRunner:
             x = x + self._attention(layer.self_attn, layer.input_layernorm(x), cache, i, pos, cos, sin)
             h = layer.post_attention_layernorm(x)
             mlp = layer.mlp
-            x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+            if hasattr(mlp, "gate_up_fused"):  # see kernels.install.fuse_projections
+                gate, up = mlp.gate_up_fused(h).split(mlp.gate_up_fused_sizes, dim=-1)
+            else:
+                gate, up = mlp.gate_proj(h), mlp.up_proj(h)
+            x = x + mlp.down_proj(F.silu(gate) * up)
         return self.model.lm_head(self.model.model.norm(x))
 
     def _attention(self, attn: nn.Module, h: torch.Tensor, cache: StaticKVCache, i: int, pos: int,
                    cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, n, _ = h.shape
-        q = attn.q_proj(h).view(b, n, self.heads, self.head_dim).transpose(1, 2)  # (b, H, n, d)
-        k = attn.k_proj(h).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)  # (b, Hkv, n, d)
-        v = attn.v_proj(h).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        if hasattr(attn, "qkv_fused"):  # see kernels.install.fuse_projections
+            q, k, v = attn.qkv_fused(h).split(attn.qkv_fused_sizes, dim=-1)
+        else:
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        q = q.reshape(b, n, self.heads, self.head_dim).transpose(1, 2)  # (b, H, n, d)
+        k = k.reshape(b, n, self.kv_heads, self.head_dim).transpose(1, 2)  # (b, Hkv, n, d)
+        v = v.reshape(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         cache.write(i, pos, k, v)

@@ -16,6 +16,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+from ..quant.formats.base import QTensor
 from ..quant.qlinear import QuantLinear
 from . import cpu, cuda, reference  # noqa: F401  (registers the built-in kernels)
 from .reference import KernelLinear
@@ -86,3 +87,41 @@ def _device_of(model: nn.Module) -> torch.device:
     for t in list(model.parameters()) + list(model.buffers()):
         return t.device
     return torch.device("cpu")
+
+
+#: (fused attribute, the projections it replaces, on which child of a decoder layer)
+FUSIONS = (("qkv_fused", ("q_proj", "k_proj", "v_proj"), "self_attn"), ("gate_up_fused", ("gate_proj", "up_proj"), "mlp"))
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Stack q/k/v and gate/up of each Llama-style layer into one QuantLinear each (in place).
+
+    Why: at batch 1 a small model's decode time is mostly per-call overhead of many small matmuls;
+    one matmul over the stacked rows gives the same outputs (rows are independent and every
+    parameter of a row-wise integer grid belongs to its row) in 2 calls instead of 5. The
+    originals are removed, so only :class:`~modelpress.kernels.generate.LlamaRunner` (which
+    uses the fused modules) can run the model afterwards. Call before :func:`install_kernels`.
+    Returns the number of fused modules made; layers whose projections are not same-format,
+    row-wise quantised linears are left unfused.
+    """
+    layers = getattr(getattr(model, "model", None), "layers", None) or []
+    made = 0
+    for layer in layers:
+        for attr, names, child in FUSIONS:
+            parent = getattr(layer, child, None)
+            mods = [getattr(parent, n, None) for n in names] if parent is not None else []
+            if not mods or not all(isinstance(m, QuantLinear) for m in mods):
+                continue
+            qts = [m.qtensor() for m in mods]
+            fmt = qts[0].fmt
+            if fmt.type != "int" or fmt.granularity.kind == "tensor" or \
+                    any(q.fmt != fmt or q.shape[1] != qts[0].shape[1] for q in qts) or any(m.bias is not None for m in mods):
+                continue
+            cat = QTensor(fmt, (sum(q.shape[0] for q in qts), qts[0].shape[1]), torch.cat([q.codes for q in qts]),
+                          {k: torch.cat([q.params[k] for q in qts]) for k in qts[0].params})
+            parent.add_module(attr, QuantLinear.from_linear_weight(cat, None))
+            setattr(parent, attr + "_sizes", [q.shape[0] for q in qts])  # how the runner splits the output
+            for n in names:
+                delattr(parent, n)
+            made += 1
+    return made

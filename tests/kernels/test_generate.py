@@ -118,3 +118,33 @@ def test_unsupported_architecture_refused() -> None:
     m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(ModelpressError, match="supports llama"):
         LlamaRunner(m)
+
+
+def test_fused_projections_give_the_same_logits_in_fewer_calls(llama) -> None:
+    """q/k/v and gate/up stacked into one QuantLinear each: same function (rows are independent)."""
+    import copy
+
+    from modelpress.kernels import fuse_projections
+
+    m = copy.deepcopy(llama)
+    fmt = IntFormat(bits=4, granularity=32, symmetric=False)
+    for layer in m.model.layers:
+        for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                              (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+            for name in names:
+                lin = getattr(parent, name)
+                setattr(parent, name, QuantLinear.from_linear_weight(fmt.quantize(lin.weight.detach()), None))
+    ids = torch.randint(2, 300, (1, 7), generator=torch.Generator().manual_seed(4))
+    ref = m(ids).logits
+    assert fuse_projections(m) == 4  # 2 layers x (qkv, gate/up)
+    attn, mlp = m.model.layers[0].self_attn, m.model.layers[0].mlp
+    assert not hasattr(attn, "q_proj") and not hasattr(mlp, "up_proj")
+    assert attn.qkv_fused_sizes == [attn.config.num_attention_heads * attn.head_dim,
+                                    attn.config.num_key_value_heads * attn.head_dim,
+                                    attn.config.num_key_value_heads * attn.head_dim]
+    r = LlamaRunner(m)
+    assert torch.allclose(r.forward(ids, r.new_cache(1, 8), 0), ref, atol=1e-5)
+    plan = install_kernels(m, dtype=torch.float32)  # the fused weights take the packed kernel too
+    assert plan.counts() == {"int4pack": 8}
+    r = LlamaRunner(m)
+    assert torch.allclose(r.forward(ids, r.new_cache(1, 8), 0), ref, atol=1e-4)
