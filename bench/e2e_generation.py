@@ -239,12 +239,12 @@ def main() -> int:
                ("ours W4 + int8 KV", "ours", paths["w4"], "bfloat16", "int8"),
                ("ours W4 + fp8 KV", "ours", paths["w4"], "bfloat16", "fp8")]
     rows = []
-    for name, kind, path, dtype, kv, *compiled in configs:
+    for name, kind, path, dtype, kv, *opts in configs:  # opts: (torch.compile, fuse projections)
         if args.only and name not in args.only:
             continue
         try:
             r = run_in_subprocess(row, kind=kind, path=path, dtype=dtype, kv=kv, args=args, tokenizer_src=tok_src,
-                                  compile=bool(compiled and compiled[0]), fuse=len(compiled) > 1 and compiled[1])
+                                  compile=bool(opts[:1] and opts[0]), fuse=bool(opts[1:] and opts[1]))
         except Exception as e:  # a failed row is reported, the others still run
             print(f"row {name!r} failed: {e}", file=sys.stderr, flush=True)
             continue

@@ -16,7 +16,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from ..quant.formats.base import QTensor
+from ..quant.formats.base import QTensor, row_wise
 from ..quant.qlinear import QuantLinear
 from . import cpu, cuda, reference  # noqa: F401  (registers the built-in kernels)
 from .reference import KernelLinear
@@ -113,13 +113,10 @@ def fuse_projections(model: nn.Module) -> int:
             if not mods or not all(isinstance(m, QuantLinear) for m in mods):
                 continue
             qts = [m.qtensor() for m in mods]
-            fmt = qts[0].fmt
-            if fmt.type != "int" or fmt.granularity.kind == "tensor" or \
-                    any(q.fmt != fmt or q.shape[1] != qts[0].shape[1] for q in qts) or any(m.bias is not None for m in mods):
+            if not row_wise(qts[0].fmt) or any(q.fmt != qts[0].fmt or q.shape[1] != qts[0].shape[1] for q in qts) \
+                    or any(m.bias is not None for m in mods):
                 continue
-            cat = QTensor(fmt, (sum(q.shape[0] for q in qts), qts[0].shape[1]), torch.cat([q.codes for q in qts]),
-                          {k: torch.cat([q.params[k] for q in qts]) for k in qts[0].params})
-            parent.add_module(attr, QuantLinear.from_linear_weight(cat, None))
+            parent.add_module(attr, QuantLinear.from_linear_weight(QTensor.stack_rows(qts), None))
             setattr(parent, attr + "_sizes", [q.shape[0] for q in qts])  # how the runner splits the output
             for n in names:
                 delattr(parent, n)

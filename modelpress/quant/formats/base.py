@@ -159,6 +159,20 @@ class QTensor:
         codes = self.codes.shape[0] * packed_nbytes(self.codes.shape[1], self.fmt.code_bits)
         return codes + sum(t.numel() * t.element_size() for t in self.params.values())
 
+    def take_rows(self, a: int, b: int) -> "QTensor":
+        """Rows ``a:b`` (only meaningful when :func:`row_wise` holds for the format)."""
+        return QTensor(self.fmt, (b - a, self.shape[1]), self.codes[a:b].contiguous(),
+                       {k: v[a:b].contiguous() for k, v in self.params.items()})
+
+    @classmethod
+    def stack_rows(cls, parts: "list[QTensor]") -> "QTensor":
+        """Row-wise concatenation of same-format, same-width tensors (inverse of :meth:`take_rows`)."""
+        fmt, cols = parts[0].fmt, parts[0].shape[1]
+        if not row_wise(fmt) or any(p.fmt != fmt or p.shape[1] != cols for p in parts):
+            raise ModelpressError("stack_rows needs row-wise tensors of one format and width")
+        return cls(fmt, (sum(p.shape[0] for p in parts), cols), torch.cat([p.codes for p in parts]),
+                   {k: torch.cat([p.params[k] for p in parts]) for k in parts[0].params})
+
     def bits_per_weight(self) -> float:
         """True bits per weight including scales and zero points."""
         return 8.0 * self.nbytes() / (self.shape[0] * self.shape[1])
@@ -168,3 +182,8 @@ def format_from_dict(data: dict[str, Any]) -> WeightFormat:
     """Build a registered format from ``{"type": ..., ...}``."""
     cls = FORMATS.get(str(data.get("type")))
     return cls.model_validate(data)
+
+
+def row_wise(fmt: WeightFormat) -> bool:
+    """Every parameter of ``fmt`` belongs to one row (no tensor-wide scale), so rows can be split or stacked."""
+    return fmt.type == "int" and not isinstance(fmt.granularity, PerTensor)

@@ -174,7 +174,7 @@ class DejaVuMLP(nn.Module):
 
     @classmethod
     def from_saved(cls, info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "DejaVuMLP":
-        """Rebuild with ``nn.Linear`` placeholders; the saver fills (or replaces) the children."""
+        """Rebuild around empty ``nn.Linear`` layers of the saved shapes; the saver loads (or replaces) the children."""
         lin = {n: nn.Linear(s[1], s[0], bias=info["bias"][n]) for n, s in info["shapes"].items()}
         return cls(lin.get("gate_proj"), lin["up_proj"], lin["down_proj"], info["hidden_act"],
                    tensors["pred_w1"], tensors["pred_w2"], info["k"])

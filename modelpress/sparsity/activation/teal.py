@@ -102,7 +102,7 @@ class ThresholdLinear(nn.Module):
 
     @classmethod
     def from_saved(cls, info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "ThresholdLinear":
-        """Rebuild with an ``nn.Linear`` placeholder; the saver then fills (or replaces) ``inner``."""
+        """Rebuild around an empty ``nn.Linear`` of the saved shape; the saver then loads (or replaces) ``inner``."""
         out_f, in_f = info["shape"]
         return cls(nn.Linear(in_f, out_f, bias=info["bias"]), tensors["threshold"])
 

@@ -14,8 +14,9 @@ from ....pipeline.methods import METHODS, MethodConfig, MethodEntry, RunContext,
 from ....pipeline.observed import ObservedBlockStage
 from ...apply import install_quantized, record_quantized
 from ...fields import FormatField
-from ...formats import IntFormat, QTensor, WeightFormat
-from ...granularity import PerGroup, PerTensor
+from ...formats import IntFormat
+from ...formats.base import row_wise
+from ...granularity import PerGroup
 from .gptq import gptq_quantize
 
 
@@ -56,7 +57,7 @@ class GPTQStage(ObservedBlockStage):
             mods = {n: m for n, m in mods.items() if n not in masked}
             if not mods:
                 return
-        if len(mods) > 1 and not _row_wise(fmt):  # one at a time; only the last may consume H
+        if len(mods) > 1 and not row_wise(fmt):  # one at a time; only the last may consume H
             for i, (n, m) in enumerate(mods.items()):
                 self._quantize_set(lm, {n: m}, acc, ctx, own_H=i == len(mods) - 1)
             return
@@ -80,7 +81,7 @@ class GPTQStage(ObservedBlockStage):
         row = 0
         for n, m in mods.items():
             rows = Ws[n].shape[0]
-            qt, Q = _take_rows(res.qtensor, row, row + rows), res.Q[row:row + rows]
+            qt, Q = res.qtensor.take_rows(row, row + rows), res.Q[row:row + rows]
             # tr(E H E^T) = 2 * OBS loss - damp * ||E||^2 over the live columns (see GPTQResult)
             e2 = float((Ws[n][:, live] - Q[:, live]).pow(2).sum())
             num = 2 * float(res.row_loss[row:row + rows].sum()) - res.damp_abs * e2
@@ -110,17 +111,6 @@ class GPTQStage(ObservedBlockStage):
         rec = record_quantized(ctx, "gptq", name, W, res.qtensor, res.W, out_rel_error=output_rel_error(W, res.W, acc.H))
         rec.notes.append(f"kept the earlier stage's zeros (sparsity {1 - float(res.mask.float().mean()):.4f}, "
                          f"{module.pattern.to_dict()}): OBS updates only into kept weights; act_order not used")
-
-
-def _row_wise(fmt: WeightFormat) -> bool:
-    """Every parameter of ``fmt`` belongs to one row (no tensor-wide scale), so rows can be stacked."""
-    return fmt.type == "int" and not isinstance(fmt.granularity, PerTensor)
-
-
-def _take_rows(qt: QTensor, a: int, b: int) -> QTensor:
-    """Rows ``a:b`` of a row-wise quantised tensor."""
-    return QTensor(qt.fmt, (b - a, qt.shape[1]), qt.codes[a:b].contiguous(),
-                   {k: v[a:b].contiguous() for k, v in qt.params.items()})
 
 
 def gptq_stage(lm: LoadedModel, cfg: GPTQConfig) -> GPTQStage:
