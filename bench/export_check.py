@@ -16,6 +16,7 @@ read every export back with other people's code and compare with our own dequant
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -23,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -97,9 +98,51 @@ def check_gguf(folder: Path, out: Path, lm: Any, ids: torch.Tensor, ours: torch.
     ref = AutoModelForCausalLM.from_pretrained(str(out.parent), gguf_file=out.name, dtype=torch.float32).eval()
     with torch.no_grad():
         row["transformers"] = logit_stats(ref(input_ids=ids).logits, ours)
+        # the same dequantised weights with llama.cpp's own rounding of activations (see llamacpp_rounding)
+        with llamacpp_rounding(ref, gtype, ftype):
+            emulated = ref(input_ids=ids).logits
     del ref
-    row["llama_cpp"] = llama_cpp_check(out, ids, ours)
+    row["llama_cpp"] = llama_cpp_check(out, ids, ours, emulated)
     return row
+
+
+def round_q8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x through llama.cpp's ``quantize_row_q8_0``/``q8_1`` and back: blocks of 32 along the last axis,
+    ``d = amax / 127`` (kept as fp16), ``q = roundf(x / d)`` (halves away from zero)."""
+    xb = x.reshape(*x.shape[:-1], -1, 32).float()
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    v = xb * inv
+    q = torch.sign(v) * torch.floor(v.abs() + 0.5)
+    return (q * d.half().float()).reshape(x.shape).to(x.dtype)
+
+
+@contextlib.contextmanager
+def llamacpp_rounding(model: torch.nn.Module, gtype: str, ftype: str) -> Iterator[None]:
+    """Inside: every linear rounds its input the way llama.cpp's CPU matmul does for its weight type.
+
+    Q4_0 / Q4_1 / Q8_0 weights are multiplied with activations quantised to 8 bits per block of 32
+    (Q8_0 / Q8_1); an F16 weight (the tied LM head of an F16-float file) with activations cast to
+    fp16; F32 weights with fp32 activations. This isolates what llama.cpp's arithmetic, not our file,
+    changes in the logits (K/V caches in fp16 and the attention kernels are left out).
+    """
+    def hook(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., tuple[torch.Tensor]]:
+        return lambda _m, args: (fn(args[0]),) + tuple(args[1:])
+
+    handles = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        if name.endswith("lm_head"):
+            if ftype == "F16":
+                handles.append(mod.register_forward_pre_hook(hook(lambda x: x.half().float())))
+        elif gtype in ("Q4_0", "Q4_1", "Q8_0") and mod.in_features % 32 == 0:
+            handles.append(mod.register_forward_pre_hook(hook(round_q8_blocks)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def gguf_reader_check(path: Path, lm: Any, rep: Any) -> dict[str, Any]:
@@ -146,8 +189,10 @@ def _our_tensors(lm: Any, cfg: Any) -> dict[str, np.ndarray]:
     return out
 
 
-def llama_cpp_check(path: Path, ids: torch.Tensor, ours: torch.Tensor) -> dict[str, Any]:
-    """llama.cpp's own logits on our GGUF (``bench/peers/llamacpp.py``: llama-cpp-python or the prebuilt library)."""
+def llama_cpp_check(path: Path, ids: torch.Tensor, ours: torch.Tensor,
+                    emulated: torch.Tensor | None = None) -> dict[str, Any]:
+    """llama.cpp's own logits on our GGUF (``bench/peers/llamacpp.py``: llama-cpp-python or the prebuilt library),
+    against ours and, when given, against ours with llama.cpp's activation rounding."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from peers.llamacpp import open_llamacpp
 
@@ -156,7 +201,11 @@ def llama_cpp_check(path: Path, ids: torch.Tensor, ours: torch.Tensor) -> dict[s
         return {"status": f"not available ({why})"}
     theirs = torch.from_numpy(peer.logits(ids[0].tolist()))
     del peer
-    return {"status": "ok", **logit_stats(theirs, ours)}
+    row = {"status": "ok", **logit_stats(theirs, ours)}
+    if emulated is not None:
+        row["vs_emulated"] = logit_stats(theirs, emulated)
+        row["emulated_vs_ours"] = logit_stats(emulated, ours)
+    return row
 
 
 def check_hf(folder: Path, out: Path, ids: torch.Tensor, ours: torch.Tensor) -> dict[str, Any]:
@@ -226,18 +275,25 @@ def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
              "", "Logits compared with our own dequantised model on the same ids: max rel err = max |Δ| / max |ours|; "
              "cos = cosine per position (min). `lossless max |Δw|`: tensors carried code for code, read back by "
              "the target's own decoder (compressed-tensors compressors / gguf-py).", "",
+             "llama.cpp columns: cosine per position (min / mean) and top-1 agreement against ours, then the min "
+             "cosine against ours run with llama.cpp's activation rounding (8-bit blocks of 32 into Q4/Q8 matmuls, "
+             "fp16 into an F16 LM head), which separates what llama.cpp's arithmetic changes from what the file holds.",
+             "",
              "| recipe | target | tensors | size MiB | lossless max abs dw | transformers max rel err | transformers cos min "
-             "| llama.cpp cos min / top-1 |", "|---|---|---|---|---|---|---|---|"]
+             "| llama.cpp cos min / mean / top-1 | llama.cpp vs ours+A8 rounding, cos min |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         tr = r.get("transformers", {})
         lc = r.get("llama_cpp")
-        lcs = "n/a" if lc is None else (f"{lc['cos_min']:.5f} / {lc['top1_agree']:.3f}" if lc.get("status") == "ok"
+        ok = lc is not None and lc.get("status") == "ok"
+        lcs = "n/a" if lc is None else (f"{lc['cos_min']:.5f} / {lc['cos_mean']:.5f} / {lc['top1_agree']:.3f}" if ok
                                          else lc["status"][:40])
+        emu = f"{lc['vs_emulated']['cos_min']:.5f}" if ok and "vs_emulated" in lc else "n/a"
         dw = r.get("library_decompress_max_abs_dw", r.get("reader_lossless_max_abs_dw"))
         counts = ", ".join(f"{v} {k}" for k, v in sorted(r["counts"].items()))
         lines.append(f"| {r['recipe']} | {r['target']} | {counts} | {r['size_bytes'] / 2**20:.1f} | "
                      f"{'' if dw is None else f'{dw:.3g}'} | {tr.get('max_rel_err', float('nan')):.2e} | "
-                     f"{tr.get('cos_min', float('nan')):.6f} | {lcs} |")
+                     f"{tr.get('cos_min', float('nan')):.6f} | {lcs} | {emu} |")
     others = [(r["recipe"], r["target"], r["reader_other_worst_rel_rms"]) for r in rows if r.get("reader_other_worst_rel_rms")]
     if others:
         lines += ["", "Re-quantised / cast GGUF tensors, worst relative RMS error against our weight (gguf-py reader):", ""]

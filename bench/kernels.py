@@ -4,7 +4,10 @@ W4 (groups of 128, int4pack) and W8 (per channel, int8pack; also fbgemm dynamic 
 4096x4096 and 11008x4096 (out x in), batch 1 and 8. Every variant is built from the same random
 weight through our IntFormat and the kernel registry, checked against the dequantised reference,
 and timed round-robin (one call of each variant per round, so load from other processes on a
-shared machine hits all variants alike); the median over rounds is reported.
+shared machine hits all variants alike). Reported: the median time over rounds, and the speed-up
+over fp32 as the median (and interquartile range) of the per-round ratios, each ratio taken from
+two calls made back to back, which is what stays stable when neighbours on the host come and go.
+The CPU time stolen by the hypervisor during the run is read from /proc/stat and printed.
 
     python bench/kernels.py --threads 2 --out bench/results/kernels
 """
@@ -56,8 +59,8 @@ def variants(n: int, k: int, seed: int = 0) -> tuple[dict[str, Callable[[torch.T
 
 
 def time_round_robin(fns: dict[str, Callable[[torch.Tensor], torch.Tensor]], m: int, k: int,
-                     rounds: int) -> dict[str, float]:
-    """Median seconds per call of each fn, calls interleaved round by round."""
+                     rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of each fn in every round, calls interleaved round by round."""
     xs = {name: torch.randn(m, k).to(torch.bfloat16 if "(bf16)" in name or "bf16" in name else torch.float32)
           for name in fns}
     for name, f in fns.items():  # warm-up
@@ -69,32 +72,62 @@ def time_round_robin(fns: dict[str, Callable[[torch.Tensor], torch.Tensor]], m: 
             t = time.perf_counter()
             f(xs[name])
             times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(v) for name, v in times.items()}
+    return times
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=50)
     ap.add_argument("--out", default="bench/results/kernels")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows, errors = [], {}
+    steal0 = cpu_times()
     for n, k in SHAPES:
         fns, errs = variants(n, k)
         errors[f"{n}x{k}"] = errs
         for m in BATCHES:
-            med = time_round_robin(fns, m, k, args.rounds)
-            base = med["fp32 dense"]
-            for name, s in med.items():
-                rows.append({"shape": f"{n}x{k}", "batch": m, "variant": name, "ms": 1e3 * s,
-                             "speedup_vs_fp32": base / s, "speedup_vs_bf16": med["bf16 dense"] / s})
-            print(json.dumps(rows[-len(med):]), flush=True)
+            times = time_round_robin(fns, m, k, args.rounds)
+            for name, ts in times.items():
+                vs32 = paired_ratios(times["fp32 dense"], ts)
+                rows.append({"shape": f"{n}x{k}", "batch": m, "variant": name, "ms": 1e3 * statistics.median(ts),
+                             "speedup_vs_fp32": statistics.median(vs32),
+                             "speedup_vs_fp32_iqr": quartiles(vs32),
+                             "speedup_vs_bf16": statistics.median(paired_ratios(times["bf16 dense"], ts))})
+            print(json.dumps(rows[-len(times):]), flush=True)
     meta = {"threads": args.threads, "rounds": args.rounds, "torch": torch.__version__, "cpus": os.cpu_count(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "load_avg_at_end": os.getloadavg(),
+            "cpu_steal_fraction": steal_fraction(steal0, cpu_times()),
             "max_rel_error_vs_reference": errors}
     write(args.out, meta, rows)
     return 0
+
+
+def paired_ratios(base: list[float], other: list[float]) -> list[float]:
+    """base / other round by round (> 1: ``other`` is faster)."""
+    return [b / o for b, o in zip(base, other)]
+
+
+def quartiles(v: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(v, n=4)
+    return q[0], q[2]
+
+
+def cpu_times() -> list[int]:
+    """The aggregate ``cpu`` line of /proc/stat (jiffies), or [] where there is none."""
+    try:
+        return [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return []
+
+
+def steal_fraction(before: list[int], after: list[int]) -> float | None:
+    """Share of CPU time the hypervisor gave to other guests between two readings (8th field)."""
+    if len(before) < 8 or len(after) < 8:
+        return None
+    total = sum(after) - sum(before)
+    return (after[7] - before[7]) / total if total else None
 
 
 def write(out: str, meta: dict, rows: list[dict]) -> None:
@@ -102,17 +135,26 @@ def write(out: str, meta: dict, rows: list[dict]) -> None:
     Path(out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"# Weight-only linear kernels ({meta['threads']} threads, torch {meta['torch']}, "
              f"{meta['cpu_capability']}, median of {meta['rounds']} round-robin calls)", "",
-             f"load average at the end of the run: {', '.join(f'{x:.1f}' for x in meta['load_avg_at_end'])} "
+             f"load average at the end of the run: {', '.join(f'{x:.1f}' for x in meta['load_avg_at_end'])}; "
+             f"CPU time stolen by the hypervisor during the run: {_pct(meta.get('cpu_steal_fraction'))} "
              "(shared machine)", "",
-             "| shape (out x in) | batch | variant | ms | x fp32 dense | x bf16 dense |", "|---|---|---|---|---|---|"]
+             "Speed-ups are medians of per-round ratios (each from two back-to-back calls), with the "
+             "interquartile range.", "",
+             "| shape (out x in) | batch | variant | median ms | x fp32 dense (IQR) | x bf16 dense |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
+        lo, hi = r["speedup_vs_fp32_iqr"]
         lines.append(f"| {r['shape']} | {r['batch']} | {r['variant']} | {r['ms']:.3f} | "
-                     f"{r['speedup_vs_fp32']:.2f} | {r['speedup_vs_bf16']:.2f} |")
+                     f"{r['speedup_vs_fp32']:.2f} ({lo:.2f}-{hi:.2f}) | {r['speedup_vs_bf16']:.2f} |")
     lines += ["", "max relative error of each kernel against the dequantised reference (same input rounding):", ""]
     for shape, errs in meta["max_rel_error_vs_reference"].items():
         lines.append(f"- {shape}: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
     Path(out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
 if __name__ == "__main__":

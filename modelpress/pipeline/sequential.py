@@ -14,6 +14,8 @@ No FX tracing: block boundaries come from the ``ArchSpec``. Algorithms see one b
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import shutil
@@ -287,6 +289,26 @@ class Checkpointer:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """sha256 over modelpress's own source files and the torch version.
+
+    Part of the checkpoint signature: a block checkpointed by other code (an upgrade, a local
+    edit) is redone rather than spliced into this run's result, which would mix two algorithms.
+    """
+    h = hashlib.sha256(torch.__version__.encode())
+    root = Path(__file__).resolve().parents[1]
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's values (two calibration sets of one shape are different jobs)."""
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
 def run_sequential(lm: LoadedModel, stages: list[tuple[BlockStage, str]], ctx: RunContext,
                    *, offload: str | None = None, signature: dict[str, Any] | None = None,
                    before_block: Callable[[int], None] | None = None) -> None:
@@ -301,7 +323,8 @@ def run_sequential(lm: LoadedModel, stages: list[tuple[BlockStage, str]], ctx: R
         offload = str(Path(ctx.workdir) / "activations.bin")
     inputs = capture_first_block_inputs(lm, ctx.calib, offload)
     blocks = get_blocks(lm.module, lm.spec)
-    ck = Checkpointer(ctx.workdir, {**(signature or {}), "n_blocks": len(blocks), "calib_shape": list(ctx.calib.shape)})
+    ck = Checkpointer(ctx.workdir, {**(signature or {}), "n_blocks": len(blocks), "calib_shape": list(ctx.calib.shape),
+                                    "calib_sha256": tensor_digest(ctx.calib), "code": code_fingerprint()})
     start = ck.resume_point()
     if start:
         ck.restore(start, lm, prefix, inputs, ctx)

@@ -53,6 +53,36 @@ def test_interrupted_run_resumes_bit_identical(tmp_path, calib, monkeypatch):
     assert not (tmp_path / "work").exists()  # checkpoints removed after success
 
 
+@pytest.mark.parametrize("change", ["code", "calibration"])
+def test_checkpoint_from_other_code_or_tokens_is_not_reused(tmp_path, calib, monkeypatch, change):
+    base = make_tiny_llama(seed=5, layers=3)
+    lm = mp.load(copy.deepcopy(base))
+    real = sequential.run_sequential
+
+    def crash_at_block_1(*a, **kw):
+        def before(i):
+            if i == 1:
+                raise KeyboardInterrupt
+        return real(*a, **{**kw, "before_block": before})
+
+    monkeypatch.setattr(sequential, "run_sequential", crash_at_block_1)
+    with pytest.raises(KeyboardInterrupt):
+        mp.apply(lm, RECIPE, calib=calib, progress=False, workdir=tmp_path / "work")
+    monkeypatch.setattr(sequential, "run_sequential", real)
+    calib2 = calib
+    if change == "code":  # as after an upgrade or a local edit of the algorithm
+        monkeypatch.setattr(sequential, "code_fingerprint", lambda: "other-code")
+    else:  # same shape, other tokens
+        calib2 = calib.flip(0)
+    fresh = mp.load(copy.deepcopy(base))
+    ctx = mp.apply(fresh, RECIPE, calib=calib2, progress=False, workdir=tmp_path / "work")
+    assert not any("resumed from checkpoint" in w for w in ctx.warnings)
+    ref = mp.load(copy.deepcopy(base))
+    mp.apply(ref, RECIPE, calib=calib2, progress=False)
+    a, b = _packed(ref.module), _packed(fresh.module)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_low_memory_load_gives_identical_result(tmp_path, calib):
     base = make_tiny_llama(seed=6, layers=3)
     base.save_pretrained(str(tmp_path / "m"))
