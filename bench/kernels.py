@@ -63,9 +63,9 @@ def time_round_robin(fns: dict[str, Callable[[torch.Tensor], torch.Tensor]], m: 
     """Seconds per call of each fn in every round, calls interleaved round by round."""
     xs = {name: torch.randn(m, k).to(torch.bfloat16 if "(bf16)" in name or "bf16" in name else torch.float32)
           for name in fns}
-    for name, f in fns.items():  # warm-up
-        f(xs[name])
-        f(xs[name])
+    for _ in range(5):  # warm-up rounds, discarded (first touches, thread pools, clocks)
+        for name, f in fns.items():
+            f(xs[name])
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, f in fns.items():
