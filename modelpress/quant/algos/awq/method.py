@@ -86,6 +86,16 @@ class _InputSample:
         """Sampled tokens (n_tokens, in)."""
         return torch.cat(self._rows, 0)[: self.max_tokens]
 
+    def rescaled(self, s: torch.Tensor) -> "_InputSample":
+        """The sample as the layer sees it after ``1 / s`` was folded into its input (x / s per channel).
+
+        Only the token sample is rescaled; the statistics stay those of the unscaled input.
+        """
+        out = _InputSample(self.stats.in_features, self.stride, self.max_tokens)
+        out.stats = self.stats
+        out._rows = [self.X / s.view(1, -1).to(self.X.dtype)]
+        return out
+
 
 class AWQStage:
     """Per-block scale search, folding, clipping and (optionally) RTN on the sequential engine."""
@@ -102,11 +112,27 @@ class AWQStage:
         if not names:
             return
         check = _FoldCheck(block, inputs)
-        for prev, roles in (lm.spec.scale_mappings if lm.spec else ()):
-            m = self._resolve(lm, prefix, prev, roles, set(names), ctx)
-            if m is not None:
-                self._scale(m, block, inputs, check, ctx)
-        self._clip_and_quantize(lm, block, names, inputs, ctx)
+        maps = [m for prev, roles in (lm.spec.scale_mappings if lm.spec else ())
+                if (m := self._resolve(lm, prefix, prev, roles, set(names), ctx)) is not None]
+        todo = {n: m for n in names if not _compressed(m := lm.module.get_submodule(n))}
+        if len(todo) < len(names):
+            ctx.warn("awq: layers already compressed by an earlier stage were left as is (put awq first)")
+        if not (self.cfg.clip or self.cfg.quantize):
+            todo = {}
+        # One pass over the calibration tokens samples every input needed. A fold divides its own
+        # targets' inputs by s and leaves every other layer's input unchanged (the folded block
+        # computes the same function), so later mappings need no new pass and the clip / rounding
+        # inputs are the samples divided by the scales applied.
+        want = {**todo, **{next(iter(m.targets)): next(iter(m.targets.values())) for m in maps}}
+        samples = self._observe(block, inputs, want) if want else {}
+        for m in maps:
+            s_applied = self._scale(m, block, inputs, check, ctx, samples[next(iter(m.targets))])
+            if s_applied is not None:
+                for n in m.targets:
+                    if n in samples:
+                        samples[n] = samples[n].rescaled(s_applied)
+        for n, mod in todo.items():
+            self._finish_layer(lm, n, mod, samples[n], ctx)
 
     # ---- scaling ------------------------------------------------------------------------------
     def _resolve(self, lm: LoadedModel, prefix: str, prev: str, roles: tuple[str, ...], names: set[str],
@@ -127,12 +153,11 @@ class AWQStage:
         return m
 
     def _scale(self, m: _Mapping, block: nn.Module, inputs: BlockInputs, check: _FoldCheck,
-               ctx: RunContext) -> None:
-        first = next(iter(m.targets.values()))
-        sample = self._observe(block, inputs, {"x": first})["x"]
+               ctx: RunContext, sample: _InputSample) -> torch.Tensor | None:
+        """Search and fold the scales of one mapping; the scales folded, or None when nothing was."""
         if sample.stats.ntokens == 0:
             ctx.warn(f"awq: {next(iter(m.targets))} received no calibration tokens; not rescaled")
-            return
+            return None
         W_list = [layer_weight(n, t) for n, t in m.targets.items()]
         if self.cfg.loss == "module":
             objective = _ModuleObjective(block, m.targets, W_list, inputs, self.cfg)
@@ -143,16 +168,17 @@ class AWQStage:
             res = search_scales(sample.stats.mean_abs, W_list, sample.X, self.cfg.format,
                                 grid=self.cfg.grid, duo_scaling=self.cfg.duo_scaling)
         if bool((res.scales == 1).all()):
-            return  # the identity won: nothing to fold
+            return None  # the identity won: nothing to fold
         undo = _fold(m, res.scales)
         err = check.error()
         if err > check.tolerance:
             undo()
             ctx.warn(f"awq: folding scales into {m.prev} changed the block's float output "
                      f"(relative error {err:.1e}); mapping skipped, check the ArchSpec")
-            return
+            return None
         note = f"awq: alpha {res.alpha}, scale-search loss {res.best_error / max(res.table[0][1], 1e-30):.2f}x RTN's"
         self._notes.update(dict.fromkeys(m.targets, note))
+        return res.scales
 
     def _observe(self, block: nn.Module, inputs: BlockInputs, mods: dict[str, nn.Module]) -> dict[str, _InputSample]:
         """Run the cached inputs through ``block`` until the last of ``mods`` and sample their inputs."""
@@ -164,17 +190,6 @@ class AWQStage:
         return samples
 
     # ---- clipping and rounding ----------------------------------------------------------------
-    def _clip_and_quantize(self, lm: LoadedModel, block: nn.Module, names: list[str], inputs: BlockInputs,
-                           ctx: RunContext) -> None:
-        mods = {n: m for n in names if not _compressed(m := lm.module.get_submodule(n))}
-        if len(mods) < len(names):
-            ctx.warn("awq: layers already compressed by an earlier stage were left as is (put awq first)")
-        if not mods or not (self.cfg.clip or self.cfg.quantize):
-            return
-        samples = self._observe(block, inputs, mods)
-        for n, m in mods.items():
-            self._finish_layer(lm, n, m, samples[n], ctx)
-
     def _finish_layer(self, lm: LoadedModel, name: str, module: nn.Module, sample: _InputSample,
                       ctx: RunContext) -> None:
         W = layer_weight(name, module)  # (out, in), already scaled
