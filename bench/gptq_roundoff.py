@@ -29,16 +29,6 @@ VARIANTS = ("lapack-f32", "torch-f32", "f64", "damp+0.1%")
 HERE = Path(__file__).resolve().parent
 
 
-def _torch_route(A: torch.Tensor) -> bool:
-    info = torch.empty((), dtype=torch.int32)
-    torch.linalg.cholesky_ex(A, out=(A, info))
-    if info != 0:
-        return False
-    torch.cholesky_inverse(A, out=A)
-    torch.linalg.cholesky_ex(A, upper=True, out=(A, info))
-    return bool(info == 0) and bool(torch.isfinite(A).all())
-
-
 def patch(variant: str) -> None:
     """Swap GPTQ's inverse Cholesky for ``variant`` (in this process only)."""
     import modelpress.calib.obs as obs
@@ -50,7 +40,7 @@ def patch(variant: str) -> None:
         base, backup = Hw.diagonal().clone(), Hw.clone()
         for _ in range(obs.MAX_DAMP_RETRIES + 1):
             Hw.diagonal().copy_(base + percdamp * base.mean())
-            if _torch_route(Hw):
+            if obs.torch_upper_chol_of_inverse_(Hw):
                 return Hw, percdamp
             Hw.copy_(backup)
             percdamp *= 10

@@ -51,13 +51,7 @@ def upper_chol_of_inverse_(A: torch.Tensor) -> bool:
     the C lower triangle, so on failure ``A`` is restored from it (all but the diagonal).
     """
     if A.device.type != "cpu" or not A.is_contiguous():
-        info = torch.empty((), dtype=torch.int32, device=A.device)
-        torch.linalg.cholesky_ex(A, out=(A, info))
-        if info != 0:
-            return False
-        torch.cholesky_inverse(A, out=A)
-        torch.linalg.cholesky_ex(A, upper=True, out=(A, info))
-        return bool(info == 0) and bool(torch.isfinite(A).all())
+        return torch_upper_chol_of_inverse_(A)
     from scipy.linalg import lapack
 
     F = A.numpy().T  # Fortran view of the same memory
@@ -77,6 +71,18 @@ def upper_chol_of_inverse_(A: torch.Tensor) -> bool:
     low = A.tril(-1)  # the untouched original below the diagonal
     A.triu_(0).tril_(0).add_(low).add_(low.T)  # diagonal kept; the caller resets it
     return False
+
+
+def torch_upper_chol_of_inverse_(A: torch.Tensor) -> bool:
+    """:func:`upper_chol_of_inverse_` through torch's kernels (any device; they write both triangles,
+    so on failure ``A`` is not restored: the caller keeps a copy)."""
+    info = torch.empty((), dtype=torch.int32, device=A.device)
+    torch.linalg.cholesky_ex(A, out=(A, info))
+    if info != 0:
+        return False
+    torch.cholesky_inverse(A, out=A)
+    torch.linalg.cholesky_ex(A, upper=True, out=(A, info))
+    return bool(info == 0) and bool(torch.isfinite(A).all())
 
 
 def quantize_column(fmt: WeightFormat, w: torch.Tensor, p: Params) -> tuple[torch.Tensor, torch.Tensor]:
