@@ -86,8 +86,6 @@ def check_ct(folder: Path, out: Path, lm: Any, ids: torch.Tensor, ours: torch.Te
 
 def check_gguf(folder: Path, out: Path, lm: Any, ids: torch.Tensor, ours: torch.Tensor, gtype: str, ftype: str,
                policy: str) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM
-
     from modelpress.export.export import export
 
     t = time.perf_counter()
@@ -96,15 +94,23 @@ def check_gguf(folder: Path, out: Path, lm: Any, ids: torch.Tensor, ours: torch.
                            "size_bytes": folder_bytes(out), "counts": rep.counts(),
                            "types": sorted({r.target for r in rep.tensors})}
     row.update(gguf_reader_check(out, lm, rep))
-    ref = AutoModelForCausalLM.from_pretrained(str(out.parent), gguf_file=out.name, dtype=torch.float32).eval()
-    with torch.no_grad():
-        row["transformers"] = logit_stats(ref(input_ids=ids).logits, ours)
-        # the same dequantised weights with llama.cpp's own rounding of activations (see llamacpp_rounding)
-        with llamacpp_rounding(ref, gtype, ftype):
-            emulated = ref(input_ids=ids).logits
-    del ref
+    theirs, emulated = gguf_logits(out, ids, gtype, ftype)
+    row["transformers"] = logit_stats(theirs, ours)
     row["llama_cpp"] = llama_cpp_check(out, ids, ours, emulated)
     return row
+
+
+@torch.no_grad()
+def gguf_logits(path: Path, ids: torch.Tensor, gtype: str, ftype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' logits on a GGUF file, plain and with llama.cpp's activation rounding (see
+    :func:`llamacpp_rounding`)."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    plain = ref(input_ids=ids).logits
+    with llamacpp_rounding(ref, gtype, ftype):
+        emulated = ref(input_ids=ids).logits
+    return plain, emulated
 
 
 def round_q8_blocks(x: torch.Tensor) -> torch.Tensor:
@@ -213,14 +219,7 @@ def check_foreign_gguf(path: Path, ids: torch.Tensor) -> dict[str, Any]:
     """The same comparison on a GGUF file we did not write (the bundled SmolLM2 Q4_1): transformers'
     reading of it stands in for "ours". Its agreement with llama.cpp is the yardstick for our files:
     what two correct runtimes reach on one file, with llama.cpp's own arithmetic."""
-    from transformers import AutoModelForCausalLM
-
-    ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-    with torch.no_grad():
-        theirs = ref(input_ids=ids).logits
-        with llamacpp_rounding(ref, "Q4_1", "F32"):
-            emulated = ref(input_ids=ids).logits
-    del ref
+    theirs, emulated = gguf_logits(path, ids, "Q4_1", "F32")
     return {"recipe": "(not ours) bundled GGUF", "target": f"gguf {path.name}", "size_bytes": path.stat().st_size,
             "counts": {"as published": 1}, "transformers": {"max_rel_err": 0.0, "cos_min": 1.0},
             "llama_cpp": llama_cpp_check(path, ids, theirs, emulated)}

@@ -16,7 +16,8 @@ import warnings
 import torch
 import torch.nn as nn
 
-from ..quant.formats.base import QTensor, row_wise
+from ..core.errors import ModelpressError
+from ..quant.formats.base import QTensor
 from ..quant.qlinear import QuantLinear
 from . import cpu, cuda, reference  # noqa: F401  (registers the built-in kernels)
 from .reference import KernelLinear
@@ -110,13 +111,14 @@ def fuse_projections(model: nn.Module) -> int:
         for attr, names, child in FUSIONS:
             parent = getattr(layer, child, None)
             mods = [getattr(parent, n, None) for n in names] if parent is not None else []
-            if not mods or not all(isinstance(m, QuantLinear) for m in mods):
+            if not mods or not all(isinstance(m, QuantLinear) and m.bias is None for m in mods):
                 continue
             qts = [m.qtensor() for m in mods]
-            if not row_wise(qts[0].fmt) or any(q.fmt != qts[0].fmt or q.shape[1] != qts[0].shape[1] for q in qts) \
-                    or any(m.bias is not None for m in mods):
+            try:
+                stacked = QTensor.stack_rows(qts)
+            except ModelpressError:  # not row-wise, or formats / widths differ
                 continue
-            parent.add_module(attr, QuantLinear.from_linear_weight(QTensor.stack_rows(qts), None))
+            parent.add_module(attr, QuantLinear.from_linear_weight(stacked, None))
             setattr(parent, attr + "_sizes", [q.shape[0] for q in qts])  # how the runner splits the output
             for n in names:
                 delattr(parent, n)

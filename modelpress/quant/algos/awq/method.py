@@ -67,6 +67,11 @@ class _Mapping:
     prev_is_norm: bool
     targets: dict[str, nn.Module]  # full name -> linear
 
+    @property
+    def first(self) -> str:
+        """Name of the first target: its input is the mapping's shared input."""
+        return next(iter(self.targets))
+
 
 class _InputSample:
     """Mean |x| per channel over every token, plus a strided sample of at most ``max_tokens`` tokens."""
@@ -93,7 +98,8 @@ class _InputSample:
         """
         out = _InputSample(self.stats.in_features, self.stride, self.max_tokens)
         out.stats = self.stats
-        out._rows = [self.X / s.view(1, -1).to(self.X.dtype)]
+        X = self.X
+        out._rows = [X / s.view(1, -1).to(X.dtype)]
         return out
 
 
@@ -123,10 +129,10 @@ class AWQStage:
         # targets' inputs by s and leaves every other layer's input unchanged (the folded block
         # computes the same function), so later mappings need no new pass and the clip / rounding
         # inputs are the samples divided by the scales applied.
-        want = {**todo, **{next(iter(m.targets)): next(iter(m.targets.values())) for m in maps}}
+        want = {**todo, **{m.first: m.targets[m.first] for m in maps}}
         samples = self._observe(block, inputs, want) if want else {}
         for m in maps:
-            s_applied = self._scale(m, block, inputs, check, ctx, samples[next(iter(m.targets))])
+            s_applied = self._scale(m, block, inputs, check, ctx, samples[m.first])
             if s_applied is not None:
                 for n in m.targets:
                     if n in samples:
@@ -156,7 +162,7 @@ class AWQStage:
                ctx: RunContext, sample: _InputSample) -> torch.Tensor | None:
         """Search and fold the scales of one mapping; the scales folded, or None when nothing was."""
         if sample.stats.ntokens == 0:
-            ctx.warn(f"awq: {next(iter(m.targets))} received no calibration tokens; not rescaled")
+            ctx.warn(f"awq: {m.first} received no calibration tokens; not rescaled")
             return None
         W_list = [layer_weight(n, t) for n, t in m.targets.items()]
         if self.cfg.loss == "module":
