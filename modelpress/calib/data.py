@@ -1,68 +1,51 @@
 """Calibration data: N samples x L tokens drawn (seeded) from a text, JSONL or HF dataset source."""
 from __future__ import annotations
 
-import json
+import hashlib
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..core.errors import ModelpressError
+from ..data.sources import read_documents
 
 
 def read_calibration_texts(source: str | Path, text_field: str = "text", max_docs: int | None = None) -> list[str]:
-    """Documents from a plain text file (one document) or JSONL (one ``text_field`` per line).
+    """Documents from a text file, JSONL, ``hf:DATASET[:CONFIG][:SPLIT]`` or ``bundled:NAME``
+    (see :mod:`modelpress.data.sources`)."""
+    return read_documents(source, text_field, max_docs)
 
-    ``hf:<dataset>[:<config>][:<split>]`` reads a Hugging Face dataset (needs ``datasets`` and a hub).
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration token ids and where they came from (recorded in the report and the manifest).
+
+    ``info``: ``source``, ``sha256`` of the source file, ``samples``, ``seq_len``, ``seed``,
+    ``chat`` and ``tokens_sha256`` (the ids themselves).
     """
-    s = str(source)
-    if s.startswith("hf:"):
-        return _hf_texts(s[3:], text_field, max_docs)
-    p = Path(s)
-    if not p.is_file():
-        raise ModelpressError(f"calibration file not found: {p}")
-    if p.suffix in (".jsonl", ".json"):
-        return _jsonl_texts(p, text_field, max_docs)
-    return [p.read_text(encoding="utf-8", errors="replace")]
+
+    ids: torch.Tensor  # (samples, seq_len)
+    info: dict[str, Any]
+
+    @classmethod
+    def from_ids(cls, ids: torch.Tensor, source: str = "tensor") -> "Calibration":
+        """Wrap ids made elsewhere (the Python API's ``calib=tensor``)."""
+        return cls(ids, {"source": source, "sha256": None, "samples": int(ids.shape[0]),
+                         "seq_len": int(ids.shape[1]), "seed": None, "chat": False, "tokens_sha256": tokens_sha256(ids)})
 
 
-def _jsonl_texts(p: Path, field: str, max_docs: int | None) -> list[str]:
-    out = []
-    with open(p, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ModelpressError(f"{p}:{i}: invalid JSON ({e.msg})") from None
-            if field not in rec:
-                raise ModelpressError(f"{p}:{i}: no {field!r} field (keys: {', '.join(rec)[:80]})")
-            out.append(rec[field])
-            if max_docs and len(out) >= max_docs:
-                break
-    return out
-
-
-def _hf_texts(spec: str, field: str, max_docs: int | None) -> list[str]:
-    try:
-        import datasets
-    except ImportError:
-        raise ModelpressError("hf: calibration sources need `pip install 'modelpress[datasets]'`") from None
-    parts = spec.split(":")
-    name, cfg, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), (parts[2] if len(parts) > 2 else "train")
-    ds = datasets.load_dataset(name, cfg, split=split, streaming=True)
-    out = []
-    for rec in ds:
-        out.append(rec[field])
-        if len(out) >= (max_docs or 5000):
-            break
-    return out
+def tokens_sha256(ids: torch.Tensor) -> str:
+    """sha256 of token ids as int64 (identical ids, identical digest)."""
+    return hashlib.sha256(ids.detach().to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
 def sample_windows(ids: torch.Tensor, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """``n_samples`` random windows of ``seq_len`` tokens from a 1-D id stream (GPTQ's sampler)."""
+    if n_samples < 1 or seq_len < 2:
+        raise ModelpressError(f"calibration needs at least 1 sample of 2 tokens, got {n_samples} x {seq_len}")
     if ids.numel() < seq_len + 1:
         raise ModelpressError(f"calibration text has {ids.numel()} tokens, fewer than one window of {seq_len}")
     rng = random.Random(seed)

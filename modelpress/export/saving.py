@@ -7,18 +7,19 @@ Layout of an output folder::
     tokenizer files     when the model has a tokenizer
     modelpress.json     manifest: recipe, versions, per-layer formats, sha256 of every file
 
+    report.json/.md     the run's report (timings, memory): not hashed, not reproducible
+
 Writes go to a hidden temporary folder renamed into place only when complete, so an interrupted
-save never leaves a half-written output. Loading reads safetensors only (no pickle) and checks
-every file's sha256 against the manifest.
+save never leaves a half-written output, and an existing folder is replaced only when it is a
+modelpress output (:mod:`modelpress.core.outputs`). The model files are byte-reproducible: the
+same model, recipe and calibration data give the same sha256 for every file but the reports.
+Loading reads safetensors only (no pickle) and checks every file's sha256 against the manifest.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
-import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +29,16 @@ import torch.nn as nn
 from .. import __version__
 from ..core.config import Registry
 from ..core.errors import ModelpressError
-from ..models.loading import MANIFEST, LoadedModel, read_json
+from ..core.outputs import MANIFEST, REPORT_FILES, TEMP_MARKER, atomic_output
+from ..models.loading import LoadedModel, read_json
 from ..quant.qlinear import QuantLinear
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 FORMAT_VERSION = 1
+#: One metadata key only: safetensors writes its metadata map in random order, so two keys would
+#: give files that differ from run to run. The producer's version is in the manifest instead.
+ST_METADATA = {"format": "pt"}
 
 #: Compressed layer classes other than ``QuantLinear``, keyed by their manifest ``layer`` tag. A class
 #: registers itself and provides ``manifest_entry() -> dict`` (JSON: format, shape, bias ...) and
@@ -94,46 +99,50 @@ def save_compressed(lm: LoadedModel, output: str | Path, *, recipe: Any = None, 
     Example:
         >>> save_compressed(lm, "out/smollm2-w4", recipe=recipe)  # doctest: +SKIP
     """
-    out = Path(output)
-    if out.exists() and not overwrite:
-        raise ModelpressError(f"output folder {out} exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{int(time.time())}"
-    tmp.mkdir()
-    try:
+    with atomic_output(output, overwrite) as tmp:
         _write_folder(lm, tmp, recipe, report)
-        _swap_into_place(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(output)
 
 
 def _write_folder(lm: LoadedModel, tmp: Path, recipe: Any, report: dict | None) -> None:
     from safetensors.torch import save_file
+
+    from ..eval.report import markdown, with_output_size
+    from ..models.fingerprint import source_digest
 
     sd, ties = _state_dict_without_ties(lm.module)
     layers = layer_formats(lm.module)
     if lm.lazy is not None and lm.lazy.offloaded:
         layers.update(_write_shards(lm, sd, tmp))
     else:
-        save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": f"modelpress {__version__}"})
+        save_file(sd, str(tmp / WEIGHTS), metadata=ST_METADATA)
     cfg = getattr(lm.module, "config", None)
     if cfg is not None and hasattr(cfg, "to_json_string"):
         (tmp / "config.json").write_text(cfg.to_json_string())
     if lm.tokenizer is not None:
         lm.tokenizer.save(tmp)
-    if report is not None:
-        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
     manifest = {
         "format_version": FORMAT_VERSION, "versions": _versions(),
-        "source": lm.source, "kind": lm.kind, "add_bos": lm.add_bos,
-        "model_class": type(lm.module).__name__,
+        "source": lm.source, "source_sha256": source_digest(lm) if lm.kind != "module" else None,
+        "kind": lm.kind, "add_bos": lm.add_bos, "model_class": type(lm.module).__name__,
         "recipe": recipe.to_dict() if hasattr(recipe, "to_dict") else recipe,
+        "calibration": (report or {}).get("calibration"),
         "layers": layers, "tied": ties,
-        "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
+        "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != TEMP_MARKER},
+        "reports": list(REPORT_FILES),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if report is not None:
+        report = with_output_size(report, weights_bytes(tmp))
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        (tmp / "report.md").write_text(markdown(report))
+
+
+def weights_bytes(folder: Path) -> int:
+    """Bytes of the weight files in a saved folder (what "size on disk" means in reports)."""
+    from ..eval.size import disk_bytes
+
+    return disk_bytes(folder) or 0
 
 
 def _write_shards(lm: LoadedModel, sd: dict[str, torch.Tensor], tmp: Path) -> dict[str, Any]:
@@ -143,30 +152,19 @@ def _write_shards(lm: LoadedModel, sd: dict[str, torch.Tensor], tmp: Path) -> di
     """
     from safetensors.torch import load_file, save_file
 
-    lazy, meta = lm.lazy, {"format": "pt", "producer": f"modelpress {__version__}"}
+    lazy = lm.lazy
     rest = {k: v for k, v in sd.items() if not v.is_meta}
     weight_map = {k: "model-rest.safetensors" for k in rest}
-    save_file(rest, str(tmp / "model-rest.safetensors"), metadata=meta)
+    save_file(rest, str(tmp / "model-rest.safetensors"), metadata=ST_METADATA)
     layers: dict[str, Any] = {}
     for i, (path, formats) in sorted(lazy.offloaded.items()):
         name = f"model-block{i:05d}.safetensors"
         blk = {f"{lazy.prefix}.{i}.{k}": v for k, v in load_file(str(path)).items()}
-        save_file(blk, str(tmp / name), metadata=meta)
+        save_file(blk, str(tmp / name), metadata=ST_METADATA)
         weight_map.update({k: name for k in blk})
         layers.update({f"{lazy.prefix}.{i}.{k}": v for k, v in formats.items()})
     (tmp / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
     return layers
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an old ``out`` is moved aside first and removed only after."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
@@ -293,4 +291,4 @@ def _wrap_loaded(model: nn.Module, folder: Path, manifest: dict[str, Any]) -> Lo
     elif any(folder.glob("tokenizer*")):
         tok = try_tokenizer(str(folder))
     return LoadedModel(model, detect_spec(model), tok, str(folder), "modelpress", add_bos=bool(manifest.get("add_bos")),
-                       manifest=manifest, layer_formats=manifest.get("layers", {}))
+                       manifest=manifest, layer_formats=manifest.get("layers", {}), files=[folder / MANIFEST])

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..core.errors import ModelpressError
 from .archspec import blocks_path, detect_spec
-from .loading import LoadedModel, hf_auto_class, try_tokenizer
+from .loading import LoadedModel, hf_auto_class, model_files, try_tokenizer
 
 
 class LazyBlocks:
@@ -29,7 +29,8 @@ class LazyBlocks:
         self.loaded: set[int] = set()
         #: compressed blocks moved out of RAM: index -> (safetensors file, per-layer formats)
         self.offloaded: dict[int, tuple[Path, dict[str, Any]]] = {}
-        self.workdir: Path | None = None  # removed once the model has been saved
+        self.workdir: Path | None = None  # the checkpoint folder the offloaded blocks live in
+        self.run_folder: Any = None  # its pipeline.workdir.RunFolder, closed once the model has been saved
 
     def ensure(self, i: int) -> nn.Module:
         """Materialise block ``i`` on CPU from disk (no-op when already loaded)."""
@@ -44,6 +45,9 @@ class LazyBlocks:
         missing, unexpected = block.load_state_dict(sd, strict=False)
         if missing or unexpected:
             raise ModelpressError(f"block {i}: checkpoint lacks {missing[:3]} / has extra {unexpected[:3]}")
+        for name, t in sd.items():  # the whole model is never in RAM at once: check each block as it arrives
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ModelpressError(f"tensor {self.prefix}.{i}.{name} holds NaN/Inf values; refusing to use it")
         self.loaded.add(i)
         return block
 
@@ -133,7 +137,7 @@ def load_lazy(folder: str | Path, *, trust_remote_code: bool = False) -> LoadedM
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     model.eval()
-    lm = LoadedModel(model, spec, try_tokenizer(str(folder)), str(folder), "hf")
+    lm = LoadedModel(model, spec, try_tokenizer(str(folder)), str(folder), "hf", files=model_files(folder))
     lm.lazy = LazyBlocks(model, prefix, keys)  # type: ignore[attr-defined]
     return lm
 

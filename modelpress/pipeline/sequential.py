@@ -18,7 +18,6 @@ import functools
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
@@ -218,9 +217,13 @@ def _allocate(shape: tuple[int, ...], dtype: torch.dtype, path: str | None,
 class Checkpointer:
     """Per-block checkpoints: the compressed blocks done so far and the next block's inputs.
 
-    Files are written to a temporary name and renamed, so a kill mid-write leaves the previous
-    checkpoint intact.
+    ``workdir`` is the run's own folder (:class:`~modelpress.pipeline.workdir.RunFolder`); the
+    checkpointer only ever deletes its own files there. Files are written to a temporary name and
+    renamed, so a kill mid-write leaves the previous checkpoint intact.
     """
+
+    FILES = ("state.json", "state.tmp", "inputs.safetensors", "inputs.safetensors.tmp", "block*.safetensors",
+             "block*.safetensors.tmp")
 
     def __init__(self, workdir: str | Path | None, signature: dict[str, Any]) -> None:
         self.dir = Path(workdir) if workdir else None
@@ -234,11 +237,19 @@ class Checkpointer:
         """Index of the first block still to do (0 when there is no usable checkpoint)."""
         if self.dir is None or not self._state_path().exists():
             return 0
-        state = json.loads(self._state_path().read_text())
+        try:
+            state = json.loads(self._state_path().read_text())
+        except ValueError:
+            state = {}
         if state.get("signature") != self.signature:
-            shutil.rmtree(self.dir, ignore_errors=True)  # a different job: start afresh
+            self._remove_files()  # a different job (model, recipe, data or code): start afresh
             return 0
         return int(state["next_block"])
+
+    def _remove_files(self) -> None:
+        for pattern in self.FILES:
+            for p in self.dir.glob(pattern):
+                p.unlink()
 
     def save(self, next_block: int, lm: LoadedModel, prefix: str, inputs: BlockInputs, ctx: RunContext) -> None:
         if self.dir is None:
@@ -285,8 +296,8 @@ class Checkpointer:
         ctx.warnings[:] = state["warnings"]
 
     def finish(self) -> None:
-        if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
+        if self.dir is not None and self.dir.is_dir():
+            self._remove_files()
 
 
 @functools.lru_cache(maxsize=1)

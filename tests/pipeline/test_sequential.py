@@ -42,7 +42,7 @@ def test_interrupted_run_resumes_bit_identical(tmp_path, calib, monkeypatch):
     monkeypatch.setattr(sequential, "run_sequential", crash_at_block_2)
     with pytest.raises(KeyboardInterrupt):
         mp.apply(lm, RECIPE, calib=calib, progress=False, workdir=tmp_path / "work")
-    assert (tmp_path / "work" / "state.json").exists()
+    assert (tmp_path / "work" / "modelpress-run" / "state.json").exists()
     monkeypatch.setattr(sequential, "run_sequential", real)
 
     fresh = mp.load(copy.deepcopy(base))  # a new process would start from the float model again
@@ -50,7 +50,7 @@ def test_interrupted_run_resumes_bit_identical(tmp_path, calib, monkeypatch):
     assert any("resumed from checkpoint after block 1" in w for w in ctx.warnings)
     a, b = _packed(ref.module), _packed(fresh.module)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert not (tmp_path / "work").exists()  # checkpoints removed after success
+    assert list((tmp_path / "work").iterdir()) == []  # the run's own folder removed after success
 
 
 @pytest.mark.parametrize("change", ["code", "calibration"])

@@ -2,21 +2,19 @@
 
 Each writer is a function ``write(lm, out, options) -> ExportReport`` registered in ``WRITERS``
 under its :class:`~modelpress.export.plan.ExportFormat` value. Writers build their output in a
-hidden temporary folder that is renamed into place only when complete.
+hidden temporary folder that is renamed into place only when complete
+(:func:`modelpress.core.outputs.atomic_output`: it replaces only an output modelpress wrote).
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch.nn as nn
 
 from ...core.config import Registry
 from ...core.errors import ModelpressError
+from ...core.outputs import atomic_output  # noqa: F401  (re-exported for the writers)
 from ...models.loading import LoadedModel
 from ..plan import ExportReport
 
@@ -24,26 +22,6 @@ Writer = Callable[..., ExportReport]
 
 #: ExportFormat value -> writer function. Writer modules register themselves.
 WRITERS: Registry[Writer] = Registry("export format")
-
-
-@contextlib.contextmanager
-def atomic_output(output: str | Path, overwrite: bool, *, is_file: bool = False) -> Iterator[Path]:
-    """Yield a temporary path (folder, or file when ``is_file``) moved to ``output`` on success."""
-    out = Path(output)
-    if out.exists() and not overwrite:
-        raise ModelpressError(f"output {out} exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{int(time.time())}"
-    if not is_file:
-        tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
 
 
 def skeleton(lm: LoadedModel) -> nn.Module | None:

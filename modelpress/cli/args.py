@@ -1,0 +1,63 @@
+"""Argument types for the CLI: a count of zero or a one-token window is refused where it is typed.
+
+Each type raises ``argparse.ArgumentTypeError``, which the parser turns into one line naming the
+option, so a bad number never reaches the (slow) model load.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+#: Larger thread counts are refused: torch would spawn them all on a machine that has far fewer cores.
+MAX_THREADS = 4096
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (counts, lengths, strides)."""
+    v = _int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def nonneg_int(text: str) -> int:
+    """An integer >= 0 (seeds)."""
+    v = _int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def window_len(text: str) -> int:
+    """A window length: at least two tokens, or there is no next token to predict."""
+    v = _int(text)
+    if v < 2:
+        raise argparse.ArgumentTypeError(f"a window needs at least 2 tokens, got {v}")
+    return v
+
+
+def thread_count(text: str) -> int:
+    """Threads: 1 .. MAX_THREADS."""
+    v = positive_int(text)
+    if v > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_THREADS} (this machine has {os.cpu_count()} cores), got {v}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (prices)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
