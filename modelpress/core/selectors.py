@@ -15,6 +15,17 @@ import torch.nn as nn
 from .errors import ModelpressError
 
 
+def check_selector(sel: str) -> None:
+    """Raise ``ValueError`` (turned into a recipe error naming the field) for a malformed selector."""
+    if not sel:
+        raise ValueError("an empty selector matches nothing")
+    if sel.startswith("re:"):
+        try:
+            re.compile(sel[3:])
+        except re.error as e:
+            raise ValueError(f"invalid regular expression {sel[3:]!r}: {e}") from None
+
+
 def _matcher(sel: str, role_fn: Callable[[str], str | None]) -> Callable[[str], bool]:
     if sel.startswith("re:"):
         pat = re.compile(sel[3:])

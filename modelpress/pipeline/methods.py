@@ -9,13 +9,14 @@ and a recipe stage ``{method: rtn, ...}`` is validated into ``RTNConfig`` and ru
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
+from pydantic import field_validator
 
 from ..core.config import Config, Registry
 from ..core.errors import ModelpressError
-from ..core.selectors import select
+from ..core.selectors import check_selector, select
 from ..models.archspec import role_of
 from ..models.layers import linear_weight, named_linears
 from ..models.loading import LoadedModel
@@ -27,9 +28,20 @@ class MethodConfig(Config):
     ``targets`` / ``ignore`` take names, globs, ``re:`` regexes or ``role:<role>``.
     """
 
+    #: False for stages that wrap a layer without reading its weight (activation sparsity), which
+    #: therefore also take already-quantised layers.
+    needs_float_weights: ClassVar[bool] = True
+
     method: str
     targets: list[str] = ["re:.*"]
     ignore: list[str] = ["lm_head"]
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _valid_selectors(cls, v: list[str]) -> list[str]:
+        for sel in v:
+            check_selector(sel)
+        return v
 
 
 @dataclass
@@ -90,6 +102,11 @@ def select_layers(lm: LoadedModel, cfg: MethodConfig) -> list[tuple[str, torch.n
     layers = select(named_linears(lm.module), cfg.targets, cfg.ignore, role_fn)
     if not layers:
         raise ModelpressError(f"stage {cfg.method!r}: targets {cfg.targets} minus ignore {cfg.ignore} leave no layer")
+    done = [n for n, m in layers if cfg.needs_float_weights and not isinstance(getattr(m, "weight", None), torch.Tensor)]
+    if done:  # packed codes: the float weight is gone, and re-quantising codes compounds their rounding
+        kind = type(dict(layers)[done[0]]).__name__
+        raise ModelpressError(f"stage {cfg.method!r}: {len(done)} selected layer(s) are already compressed ({done[0]}: "
+                              f"{kind}); compress the original model instead, or add them to the stage's ignore list")
     return layers
 
 

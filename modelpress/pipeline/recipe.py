@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BeforeValidator, SerializeAsAny, ValidationError
+from pydantic import BeforeValidator, SerializeAsAny, ValidationError, field_validator
 
 from ..core.config import Config, format_validation_error, tagged
 from ..core.errors import ModelpressError
@@ -28,11 +28,19 @@ StageField = Annotated[SerializeAsAny[MethodConfig], BeforeValidator(tagged(METH
 
 
 class Recipe(Config):
-    """An ordered list of compression stages."""
+    """An ordered list of compression stages (at least one: an empty recipe would save an
+    uncompressed copy as if compressed)."""
 
     name: str = "custom"
     description: str = ""
     stages: list[StageField]
+
+    @field_validator("stages")
+    @classmethod
+    def _not_empty(cls, v: list) -> list:
+        if not v:
+            raise ValueError("a recipe needs at least one stage")
+        return v
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -74,8 +82,10 @@ def load_recipe(spec: str | Path | Recipe | dict) -> Recipe:
     path = builtins.get(s) or Path(s)
     if not path.is_file():
         raise ModelpressError(f"recipe {s!r} is neither a file nor a built-in; built-ins: {', '.join(builtins)}")
+    from ..data.sources import read_text
+
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_text(path, join_lines=False))
     except yaml.YAMLError as e:
-        raise ModelpressError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+        raise ModelpressError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
     return parse_recipe(data, str(path) if s not in builtins else s)

@@ -7,7 +7,7 @@ Put them last in a recipe: they wrap whatever linears are there (plain or quanti
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn as nn
@@ -35,6 +35,8 @@ class TEALConfig(MethodConfig):
         ['role:*']
     """
 
+    needs_float_weights: ClassVar[bool] = False  # wraps the layer, whatever its storage
+
     method: Literal["teal"] = "teal"
     targets: list[str] = ["role:*"]
     sparsity: float = Field(0.4, ge=0, lt=1, description="fraction of each input's entries zeroed")
@@ -50,6 +52,8 @@ class DejaVuConfig(MethodConfig):
         >>> DejaVuConfig(sparsity=0.5, rank=64).rank
         64
     """
+
+    needs_float_weights: ClassVar[bool] = False  # wraps the layer, whatever its storage
 
     method: Literal["dejavu"] = "dejavu"
     targets: list[str] = ["role:down_proj"]
