@@ -9,6 +9,11 @@ Example:
     >>> tok = Llama2cTokenizer(find_llama2c_tokenizer("stories260K.bin"))  # doctest: +SKIP
     >>> model(torch.tensor([tok.encode("Once upon a time")])).logits.shape  # doctest: +SKIP
     torch.Size([1, 5, 512])
+
+A tokenizer saved into a folder also becomes ``tokenizer.model`` (SentencePiece), ``tokenizer.json``
+and ``tokenizer_config.json``, which ``transformers.AutoTokenizer`` reads and which encode exactly as
+run.c does (:mod:`modelpress.models.tokenizers` writes them); ``sentencepiece_vocab()`` is the same
+vocabulary in the form GGUF's ``llama`` tokenizer uses.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import math
 import re
 import shutil
 import struct
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +32,7 @@ import numpy as np
 import torch
 
 from modelpress.core.errors import ModelpressError
+from modelpress.models.tokenizers import SPACE, PieceType, SentencePieceVocab, write_hf_tokenizer
 
 if TYPE_CHECKING:  # transformers is heavy: imported only when a model is built
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -37,6 +44,7 @@ __all__ = [
     "llama2c_config",
     "llama2c_to_hf",
     "read_llama2c",
+    "sentencepiece_mismatch",
 ]
 
 _HEADER = struct.Struct("<7i")
@@ -333,12 +341,35 @@ class Llama2cTokenizer:
         return cls(Path(directory) / cls.FILENAME)
 
     def save(self, directory: str | Path) -> Path:
-        """Copy the tokenizer file into ``directory`` as ``tokenizer.bin``; returns the path."""
+        """Write ``tokenizer.bin`` (what modelpress reloads) and the Hugging Face files; returns the first.
+
+        The HF files (:func:`write_hf_tokenizer`) let other tools read the folder with
+        ``AutoTokenizer``. A vocabulary SentencePiece cannot hold exactly gets ``tokenizer.bin`` only,
+        and a warning that says why, rather than an HF tokenizer that encodes differently.
+        """
         target = Path(directory) / self.FILENAME
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.resolve() != self.path.resolve():
             shutil.copyfile(self.path, target)
+        try:
+            vocab = self.sentencepiece_vocab()
+        except ModelpressError as e:
+            warnings.warn(f"no Hugging Face tokenizer files written: {e}", stacklevel=2)
+        else:
+            write_hf_tokenizer(vocab, target.parent)
         return target
+
+    def sentencepiece_vocab(self) -> SentencePieceVocab:
+        """This vocabulary as SentencePiece and llama.cpp spell it (same ids and scores).
+
+        Raises ModelpressError when it cannot be written so that SentencePiece encodes like run.c.
+        """
+        why = sentencepiece_mismatch(self.pieces, self.scores)
+        if why is not None:
+            raise ModelpressError(f"{self.path}: cannot be written as a SentencePiece vocabulary: {why}")
+        types = [_piece_type(i) for i in range(len(self.pieces))]
+        texts = [_SPECIAL_TEXT.get(i) or p.decode("utf-8").replace(" ", SPACE) for i, p in enumerate(self.pieces)]
+        return SentencePieceVocab(tuple(texts), tuple(self.scores), tuple(types))
 
     @property
     def vocab_size(self) -> int:
@@ -420,3 +451,42 @@ def find_llama2c_tokenizer(model_path: str | Path) -> Path | None:
     if len(found) > 1:
         raise ModelpressError(f"{folder}: several llama2.c tokenizers {[p.name for p in found]}; pass one explicitly")
     return found[0] if found else None
+
+
+# ---------------------------------------------------------------------------- SentencePiece form
+
+_SPECIAL_TEXT = {0: "<unk>", 1: "<s>", 2: "</s>"}  # the export spelled BOS/EOS "\n<s>\n" / "\n</s>\n"
+_N_SPECIAL_AND_BYTES = 3 + 256
+
+
+def _piece_type(i: int) -> PieceType:
+    """llama2.c's fixed layout: unk, BOS, EOS, then the 256 byte pieces, then merged pieces."""
+    if i == 0:
+        return PieceType.UNKNOWN
+    if i < 3:
+        return PieceType.CONTROL
+    return PieceType.BYTE if i < _N_SPECIAL_AND_BYTES else PieceType.NORMAL
+
+
+def sentencepiece_mismatch(pieces: list[bytes], scores: list[float]) -> str | None:
+    """Why SentencePiece could not encode this llama2.c vocabulary exactly as run.c does, or None.
+
+    run.c looks up and merges into *any* piece; SentencePiece has byte fallback at fixed names,
+    unique UTF-8 pieces, and merges only into normal pieces. Vocabularies exported from SentencePiece
+    (all llama2.c ones) pass.
+    """
+    if any(pieces[3 + b] != b"<0x%02X>" % b for b in range(256)):
+        return "ids 3..258 are not the byte pieces <0x00>..<0xFF>"
+    normal = pieces[_N_SPECIAL_AND_BYTES:]
+    try:
+        texts = [p.decode("utf-8") for p in normal]
+    except UnicodeDecodeError:
+        return "a piece is not valid UTF-8"
+    if any(not t or SPACE in t for t in texts) or len(set(texts) | set(_SPECIAL_TEXT.values())) != len(texts) + 3:
+        return f"a piece is empty, contains {SPACE!r}, or is listed twice"
+    if any(len(t) > 1 and s <= _MIN_SCORE for t, s in zip(texts, scores[_N_SPECIAL_AND_BYTES:])):
+        return "a piece has a score run.c never merges into (<= -1e10)"
+    known = set(pieces)
+    if any(p[:k] in known and p[k:] in known for p in pieces[:_N_SPECIAL_AND_BYTES] for k in range(1, len(p))):
+        return "a special or byte piece is spelled by two other pieces (run.c would merge into it)"
+    return None

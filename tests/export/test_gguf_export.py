@@ -1,6 +1,8 @@
 """GGUF export: block layouts checked by gguf-py's own dequantisers, lossless carry-over, real readers."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -143,8 +145,12 @@ def test_gguf_q4_0_lossless_tensor_by_tensor_and_transformers_logits(quantised_t
 
 def test_gguf_kquant_requantised_and_reported(quantised_tiny, tmp_path):
     lm = quantised_tiny
-    rep = export(lm, "gguf", tmp_path / "k.gguf", gguf_type="Q5_K")
+    first = "model.layers.0.self_attn.q_proj.weight: int4 sym g64 is not on Q5_K's grid"
+    with pytest.raises(ModelpressError, match=rf"GGUF Q5_K .*cannot represent 14 layer\(s\): {re.escape(first)}"):
+        export(lm, "gguf", tmp_path / "refused.gguf", gguf_type="Q5_K")  # a K-quant holds none of our grids
+    rep = export(lm, "gguf", tmp_path / "k.gguf", gguf_type="Q5_K", on_unsupported="requantize")
     assert rep.counts()["requantized"] == 14
+    assert any(n.startswith("--on-unsupported requantize: 14 tensor(s) GGUF Q5_K cannot hold") for n in rep.notes)
     tensors, _ = _read_back(tmp_path / "k.gguf", lm)
     arr, ttype = tensors["blk.0.ffn_down.weight"]
     w = lm.module.model.layers[0].mlp.down_proj.dequantized_weight().numpy()
@@ -169,3 +175,83 @@ def test_architecture_without_gguf_mapping_is_one_line_error(tmp_path):
     lm = mp.load(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)))
     with pytest.raises(ModelpressError, match="no mapping for architecture 'gpt2'"):
         export(lm, "gguf", tmp_path / "g.gguf")
+
+
+def _tiny_in(fmt: dict):
+    """A width-64 tiny Llama with every projection in ``fmt``."""
+    lm = mp.load(make_tiny_llama(seed=7))
+    mp.apply(lm, RTNConfig(format=fmt, ignore=["lm_head"]))
+    return lm
+
+
+def _layer_rows(rep):
+    """(target, action) of the 14 projection weights (not embeddings, norms)."""
+    return {(t.target, t.action) for t in rep.tensors if t.name.startswith("blk.") and "norm" not in t.name}
+
+
+@pytest.mark.parametrize("fmt,gtype,described", [
+    ({"type": "nf4", "granularity": 64}, "Q4_0", "nf4 g64"),
+    ({"type": "fp8"}, "Q8_0", "fp8 e4m3 channel"),
+    ({"type": "mxfp4"}, "Q4_0", "mxfp4 g32"),
+    ({"type": "nvfp4"}, "Q4_1", "nvfp4 g16"),
+    ({"type": "int", "bits": 4, "symmetric": False, "granularity": 32}, "Q4_0", "int4 asym g32"),
+    ({"type": "int", "bits": 4, "granularity": 16}, "Q8_0", "int4 sym g16"),
+    ({"type": "int", "bits": 8, "granularity": "channel"}, "Q4_1", "int8 sym channel"),
+])
+def test_layers_the_type_cannot_hold_are_refused_unless_asked(fmt, gtype, described, tmp_path):
+    """Issue: --format gguf re-quantised an nf4 model under the default --on-unsupported refuse."""
+    lm = _tiny_in(fmt)
+    first = f"model.layers.0.self_attn.q_proj.weight: {described} is not on {gtype}'s grid"
+    with pytest.raises(ModelpressError, match=rf"^GGUF {gtype} \(holds exactly: .*\) cannot represent 14 layer\(s\): "
+                                              rf"{re.escape(first)};.*Choose --on-unsupported"):
+        export(lm, "gguf", tmp_path / "a.gguf", gguf_type=gtype)
+    assert not (tmp_path / "a.gguf").exists()
+    rep = export(lm, "gguf", tmp_path / "r.gguf", gguf_type=gtype, on_unsupported="requantize")
+    assert _layer_rows(rep) == {(gtype, "requantized")}
+    assert rep.notes[0].startswith(f"--on-unsupported requantize: 14 tensor(s) GGUF {gtype} cannot hold were "
+                                   f"quantised from our dequantised weight: {first} -> {gtype}")
+    rep = export(lm, "gguf", tmp_path / "d.gguf", gguf_type=gtype, on_unsupported="dequantize")
+    assert _layer_rows(rep) == {("F16", "dequantized")} and "written as float" in rep.notes[0]
+
+
+def test_float_gguf_types_take_any_layer_dequantised(tmp_path):
+    """--gguf-type F32/F16 asks for float weights: nothing to refuse, F32 holds our weights exactly."""
+    lm = _tiny_in({"type": "nf4", "granularity": 64})
+    rep = export(lm, "gguf", tmp_path / "f.gguf", gguf_type="F32")
+    assert _layer_rows(rep) == {("F32", "dequantized")} and not any("on-unsupported" in n for n in rep.notes)
+    tensors, _ = _read_back(tmp_path / "f.gguf", lm)
+    w = lm.module.model.layers[1].mlp.down_proj.dequantized_weight().numpy()
+    np.testing.assert_array_equal(tensors["blk.1.ffn_down.weight"][0], w)
+
+
+def test_activation_quantised_layers_are_refused(tmp_path):
+    lm = mp.load(make_tiny_llama(seed=8))
+    mp.compress(lm, "int8-dynamic", progress=False)
+    with pytest.raises(ModelpressError, match="q_proj.weight: modelpress layer 'w8a8_linear' has no GGUF encoding"):
+        export(lm, "gguf", tmp_path / "a.gguf", gguf_type="Q8_0")
+    rep = export(lm, "gguf", tmp_path / "b.gguf", gguf_type="Q8_0", on_unsupported="requantize")
+    assert _layer_rows(rep) == {("Q8_0", "requantized")}
+
+
+def test_cli_nf4_model_to_gguf_refuses_in_one_line(tmp_path, capsys):
+    """The reported reproduction: compress with an NF4 recipe, export to GGUF with the default policy."""
+    from modelpress.cli.main import main
+
+    src = tmp_path / "tiny"
+    make_tiny_llama(seed=9).save_pretrained(src)
+    make_tokenizer(src)
+    recipe = tmp_path / "nf4.yaml"
+    recipe.write_text("name: nf4-g64\ndescription: NF4 groups of 64\nstages:\n  - method: rtn\n    ignore: [lm_head]\n"
+                      "    format: {type: nf4, granularity: 64}\n")
+    argv = ["--quiet", "compress", "--model", str(src), "--recipe", str(recipe), "--output", str(tmp_path / "o")]
+    assert main(argv) == 0
+    capsys.readouterr()
+    out = tmp_path / "o.gguf"
+    assert main(["export", "--model", str(tmp_path / "o"), "--format", "gguf", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot represent 14 layer(s)" in err[0] and "nf4 g64 is not on Q4_0's grid" in err[0]
+    assert not out.exists()
+    assert main(["export", "--model", str(tmp_path / "o"), "--format", "gguf", "--output", str(out),
+                 "--on-unsupported", "requantize"]) == 0
+    err = capsys.readouterr().err
+    assert "14 requantized" in err and "note: --on-unsupported requantize: 14 tensor(s) GGUF Q4_0 cannot hold" in err

@@ -420,6 +420,8 @@ def test_special_tokens_and_dummy_prefix(tok) -> None:
 def test_save_and_load_from_dir(tok, tmp_path: Path) -> None:
     saved = tok.save(tmp_path / "out")
     assert saved.name == "tokenizer.bin" and saved.read_bytes() == TOK.read_bytes()
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):  # for AutoTokenizer, see
+        assert (tmp_path / "out" / name).is_file()                            # test_llama2c_export_tokenizer.py
     again = Llama2cTokenizer.from_dir(tmp_path / "out")
     assert again.encode("Once upon a time") == tok.encode("Once upon a time")
 

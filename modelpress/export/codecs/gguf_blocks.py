@@ -43,6 +43,8 @@ class GGUFCodec:
 
     name: ClassVar[str]
     block: ClassVar[int] = QK
+    #: which of our quantised layers ``from_qtensor`` carries over exactly (in words, for refusals)
+    carries: ClassVar[str] = "none of our formats; it is only ever quantised from float weights"
 
     def quantize(self, w: np.ndarray) -> np.ndarray:
         import gguf
@@ -116,6 +118,7 @@ def _fp16_bytes(x: np.ndarray) -> np.ndarray:
 @GGUF_CODECS.register("Q8_0")
 class Q8_0(GGUFCodec):
     name = "Q8_0"
+    carries = "symmetric int <= 8 bits per channel or in groups of a multiple of 32, fp16-exact scales"
 
     def from_qtensor(self, qt: QTensor) -> tuple[np.ndarray, float] | None:
         p = block_params(qt)
@@ -131,6 +134,7 @@ class Q8_0(GGUFCodec):
 @GGUF_CODECS.register("Q4_0")
 class Q4_0(GGUFCodec):
     name = "Q4_0"
+    carries = "symmetric int <= 4 bits per channel or in groups of a multiple of 32, fp16-exact scales"
 
     def from_qtensor(self, qt: QTensor) -> tuple[np.ndarray, float] | None:
         p = block_params(qt)
@@ -145,6 +149,7 @@ class Q4_0(GGUFCodec):
 @GGUF_CODECS.register("Q4_1")
 class Q4_1(GGUFCodec):
     name = "Q4_1"
+    carries = "int <= 4 bits per channel or in groups of a multiple of 32, fp16-exact scales"
 
     def from_qtensor(self, qt: QTensor) -> tuple[np.ndarray, float] | None:
         p = block_params(qt)

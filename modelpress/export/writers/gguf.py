@@ -1,13 +1,17 @@
 """GGUF writer for llama.cpp (Llama-family models), written with the ``gguf`` package.
 
 Every weight gets the requested GGML type (``--gguf-type``): a quantised layer whose grid matches
-the type's blocks exactly is carried over code for code (see :mod:`..codecs.gguf_blocks`),
-anything else is quantised from our dequantised weight and recorded as re-quantised. Float
+the type's blocks exactly is carried over code for code (see :mod:`..codecs.gguf_blocks`). A
+compressed layer the type cannot hold (another grid, NF4, FP8, a K-quant, an activation-quantised
+layer class) or whose rows the type's blocks do not tile is listed and refused, written as F16
+(``dequantize``) or quantised from our dequantised weight (``requantize``), as
+``--on-unsupported`` says; ``--gguf-type F32``/``F16`` asks for dequantised weights outright. Float
 tensors that modelpress left alone (embeddings, an untied head) use ``float_type`` (F16 by
 default, or ``same`` for the requested type); norms and biases are F32. ``q_proj`` / ``k_proj``
 rows are permuted into llama.cpp's rotary layout as ``convert_hf_to_gguf.py`` does (a row
 permutation, so quantised rows move whole). Tokenizer metadata comes from the source GGUF when
-the model came from one, otherwise from the HF tokenizer through gguf-py's vocab helpers.
+the model came from one, from a llama2.c tokenizer as llama.cpp's SentencePiece (``llama``)
+vocabulary, otherwise from the HF tokenizer through gguf-py's vocab helpers.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import torch.nn as nn
 
 from ...core.errors import ModelpressError
 from ...models.loading import LoadedModel, resolve_bundled
+from ...models.tokenizers import Llama2cTextTokenizer
 from ...quant.qlinear import QuantLinear
 from ..codecs.gguf_blocks import KQUANT_FALLBACK, GGUFCodec, codec
 from ..plan import ExportFormat, ExportReport, OnUnsupported, dense_weight, describe_format, refuse_if_any
@@ -54,6 +59,7 @@ def write_gguf(lm: LoadedModel, output: str | Path, *, gguf_type: str = "Q4_0", 
         raise ModelpressError(f"GGUF output must be a .gguf file path, got {out}")
     report = ExportReport(ExportFormat.GGUF.value, str(out))
     tensors = _plan_tensors(lm, cfg, gguf_type, gguf_type if float_type == "SAME" else float_type, on_unsupported)
+    report.notes += _policy_notes(tensors, gguf_type, on_unsupported)
     with atomic_output(out, overwrite, is_file=True) as tmp:
         w = gguf.GGUFWriter(str(tmp), "llama")
         _add_metadata(w, lm, cfg, gguf_type)
@@ -84,7 +90,9 @@ def _llama_config(lm: LoadedModel) -> Any:
 
 # ---- which tensors, in which type ------------------------------------------------------------
 def _plan_tensors(lm: LoadedModel, cfg: Any, qtype: str, ftype: str, policy: OnUnsupported) -> list[dict[str, Any]]:
-    """One entry per GGUF tensor: HF name, GGUF name, source module/tensor and target type."""
+    """One entry per GGUF tensor: HF name, GGUF name, source, target type and, for a layer carried
+    over exactly, its bytes. Refuses, listing every layer ``qtype`` cannot hold, when ``policy`` is
+    ``refuse``."""
     import gguf
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
@@ -97,26 +105,56 @@ def _plan_tensors(lm: LoadedModel, cfg: Any, qtype: str, ftype: str, policy: OnU
             unmapped.append(hf_name)
             continue
         shape = _shape(src)
-        quantised = not isinstance(src, torch.Tensor)
-        want = "F32" if len(shape) == 1 else (qtype if quantised else ftype)
-        target = want
-        if not codec(want).fits(shape[-1]):
-            why = f"{want} needs rows in multiples of {codec(want).block}, this one has {shape[-1]}"
+        want = "F32" if len(shape) == 1 else (ftype if isinstance(src, torch.Tensor) else qtype)
+        carried, why = _carry(src, want, shape[-1])
+        if why is not None:
             problems.append((hf_name, why))
-            target = _fallback(want, shape[-1], policy)
-        plan.append({"hf_name": hf_name, "gguf_name": gname, "src": src, "target": target, "wanted": want})
+        target = want if why is None else _fallback(want, shape[-1], policy)
+        plan.append({"hf_name": hf_name, "gguf_name": gname, "src": src, "target": target, "why": why,
+                     "carried": carried})
     if unmapped:
         raise ModelpressError(f"GGUF llama mapping has no name for: {', '.join(unmapped[:5])}")
-    refuse_if_any(problems, f"GGUF {qtype}", policy)
+    refuse_if_any(problems, f"GGUF {qtype} (holds exactly: {codec(qtype).carries})", policy)
     return plan
 
 
+def _policy_notes(plan: list[dict[str, Any]], qtype: str, policy: OnUnsupported) -> list[str]:
+    """What ``--on-unsupported`` did to the layers GGUF ``qtype`` cannot hold (none: no note)."""
+    odd = [t for t in plan if t["why"]]
+    if not odd:
+        return []
+    done = "quantised from our dequantised weight" if policy == OnUnsupported.REQUANTIZE else "written as float"
+    listed = "; ".join(f"{t['hf_name']}: {t['why']} -> {t['target']}" for t in odd[:3])
+    more = f" (and {len(odd) - 3} more)" if len(odd) > 3 else ""
+    return [f"--on-unsupported {policy.value}: {len(odd)} tensor(s) GGUF {qtype} cannot hold were {done}: "
+            f"{listed}{more}"]
+
+
+def _carry(src: nn.Module | torch.Tensor, want: str, width: int) -> tuple[tuple[np.ndarray, float] | None, str | None]:
+    """``(exact bytes, rounding)`` of a layer ``want`` holds code for code, or why ``want`` cannot hold it.
+
+    ``(None, None)``: nothing to refuse (a float weight, or a dequantised one because ``want`` is float).
+    """
+    c = codec(want)
+    if not c.fits(width):
+        return None, f"{want} needs rows in multiples of {c.block}, this one has {width}"
+    if isinstance(src, torch.Tensor) or want in ("F32", "F16"):
+        return None, None
+    if isinstance(src, QuantLinear):
+        carried = c.from_qtensor(src.qtensor())
+        return (carried, None) if carried is not None else (None, f"{describe_format(src)} is not on {want}'s grid")
+    if getattr(src, "layer_tag", None) == "sparse" and src.is_compressed_linear:
+        return None, None  # float weights with zeros: quantised like any float weight
+    return None, f"modelpress layer {src.layer_tag!r} has no GGUF encoding"
+
+
 def _fallback(want: str, width: int, policy: OnUnsupported) -> str:
-    """Type for a row a K-quant cannot tile: llama.cpp's own fallback (requantize) or F16 (dequantize)."""
-    if policy == OnUnsupported.REQUANTIZE:
-        fb = KQUANT_FALLBACK.get(want, "F16")
-        return fb if codec(fb).fits(width) else "F16"
-    return "F16"
+    """Type for a layer ``want`` cannot hold: F16 (``dequantize``), else ``want`` itself or, where its blocks
+    do not tile the row, llama.cpp's own fallback (``requantize``)."""
+    if policy != OnUnsupported.REQUANTIZE:
+        return "F16"
+    fb = want if codec(want).fits(width) else KQUANT_FALLBACK.get(want, "F16")
+    return fb if codec(fb).fits(width) else "F16"
 
 
 def _weights(model: nn.Module) -> list[tuple[str, nn.Module | torch.Tensor]]:
@@ -159,8 +197,8 @@ def _encode(t: dict[str, Any], cfg: Any) -> tuple[np.ndarray, dict[str, Any]]:
     src, target = t["src"], t["target"]
     c: GGUFCodec = codec(target)
     rec: dict[str, Any] = {"target": target}
-    if t["wanted"] != target:
-        rec["detail"] = f"{t['wanted']} does not tile rows of {_shape(src)[-1]}; written as {target}"
+    if t["why"]:
+        rec["detail"] = f"{t['why']}; written as {target}"
     if isinstance(src, torch.Tensor):
         rec["source"] = str(src.dtype).replace("torch.", "")
         exact = target == "F32" or (target == "F16" and src.dtype == torch.float16)
@@ -168,9 +206,8 @@ def _encode(t: dict[str, Any], cfg: Any) -> tuple[np.ndarray, dict[str, Any]]:
         data = c.quantize(src.to(torch.float32).numpy())
     else:
         rec["source"] = describe_format(src)
-        carried = c.from_qtensor(src.qtensor()) if isinstance(src, QuantLinear) else None
-        if carried is not None:
-            data, err = carried
+        if t["carried"] is not None:
+            data, err = t["carried"]
             rec["action"] = "lossless" if err == 0 else "near-lossless"
             if err:
                 rec["detail"] = f"codes and scales kept; min = -zero*scale rounded to fp16 (max |dw| {err:.3g})"
@@ -237,6 +274,8 @@ def _add_tokenizer(w: Any, lm: LoadedModel) -> str:
     if src is not None:
         _copy_tokenizer_fields(w, src)
         return f"tokenizer: copied from {src.name}"
+    if isinstance(lm.tokenizer, Llama2cTextTokenizer):
+        return _tokenizer_from_llama2c(w, lm.tokenizer)
     if lm.tokenizer is None or not hasattr(lm.tokenizer, "tok"):
         return "tokenizer: none written (the model has no Hugging Face tokenizer); llama.cpp needs one to run"
     with tempfile.TemporaryDirectory() as d:
@@ -254,6 +293,27 @@ def _copy_tokenizer_fields(w: Any, path: Path) -> None:
         vtype = f.types[0]
         sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         w.add_key_value(key, f.contents(), vtype, sub_type=sub)
+
+
+def _tokenizer_from_llama2c(w: Any, tok: Llama2cTextTokenizer) -> str:
+    """llama.cpp's SentencePiece (``llama``) vocabulary: the llama2.c pieces with ``▁`` for spaces, their
+    scores and types, so llama.cpp's tokenizer gives run.c's ids."""
+    try:
+        vocab = tok.sentencepiece_vocab()
+    except ModelpressError as e:
+        return f"tokenizer: none written ({e}); llama.cpp needs one to run"
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(list(vocab.pieces))
+    w.add_token_scores(list(vocab.scores))
+    w.add_token_types([int(t) for t in vocab.types])
+    w.add_unk_token_id(vocab.unk_id)
+    w.add_bos_token_id(vocab.bos_id)
+    w.add_eos_token_id(vocab.eos_id)
+    w.add_add_bos_token(True)  # llama2.c models were trained with BOS first (run.c's encode(text, bos=1))
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(True)  # run.c's dummy " " prefix
+    return f"tokenizer: llama (SentencePiece) vocabulary of {len(vocab.pieces)} tokens from the llama2.c tokenizer"
 
 
 def _tokenizer_from_hf(w: Any, folder: Path) -> str:
@@ -279,8 +339,24 @@ def _tokenizer_from_hf(w: Any, folder: Path) -> str:
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
     if kind == "llama":
-        w.add_token_scores(scores)
+        w.add_token_scores(_merge_scores(model, scores))
     w.add_token_types(types)
     SpecialVocab(folder, load_merges=kind == "gpt2", n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
     return f"tokenizer: {kind} vocabulary of {len(tokens)} tokens from tokenizer.json (pre-tokenizer 'default')"
 
+
+def _merge_scores(model: dict[str, Any], scores: list[float]) -> list[float]:
+    """Scores under which llama.cpp's SentencePiece tokenizer merges as ``tokenizer.json``'s BPE does.
+
+    llama.cpp merges the adjacent pair whose joined token scores highest; gguf-py's ``LlamaHfVocab``
+    writes a -1000 placeholder for every token, under which it merges leftmost-first instead. Each
+    piece a merge builds gets ``-rank`` of the first such merge; other pieces keep their score.
+    """
+    out, seen = list(scores), set()
+    for rank, merge in enumerate(model.get("merges", [])):
+        a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
+        i = model["vocab"].get(a + b)
+        if i is not None and i < len(out) and i not in seen:
+            seen.add(i)
+            out[i] = -float(rank)
+    return out
