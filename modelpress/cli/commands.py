@@ -51,14 +51,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     lm = api.load(args.model, trust_remote_code=args.trust_remote_code, low_memory=args.low_memory)
     load_s = time.perf_counter() - t0
-    if calib_spec and not args.calib:
-        console.print(f"calibration: {calib_spec} (shipped with modelpress; pass --calib for your own data)")
     calib = api.calibration_for(lm, calib_spec, args.calib_samples, args.calib_seq_len, args.calib_seed,
                                 args.calib_chat) if calib_spec else None
     base = api.evaluate(lm, args.eval_data, **_eval_kwargs(args, "eval_")) if args.eval_data else None
     report = api.compress(lm, recipe, calib=calib, workdir=workdir, remove_workdir_if_empty=args.workdir is None,
                           offload_activations=args.offload_activations or args.low_memory)
     report["load_s"] = load_s
+    if calib_spec and not args.calib:
+        report["warnings"].insert(0, f"calibrated on {calib_spec}, the text shipped with modelpress; pass --calib for your own data")
     if args.eval_data:
         comp = api.evaluate(lm, args.eval_data, **_eval_kwargs(args, "eval_"))
         report["eval"] = comparison(base, comp)

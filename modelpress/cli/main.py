@@ -103,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.quiet:
-            import os
+            from ..core.progress import silence_libraries
 
-            os.environ["MODELPRESS_PROGRESS"] = "0"
+            silence_libraries()
         from . import commands
 
         handler: Callable[[Any], int] = getattr(commands, f"cmd_{args.cmd}", None) or _extra_handler(args.cmd)
@@ -124,9 +124,18 @@ def _extra_handler(cmd: str) -> Callable[[Any], int]:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as JSON atomically (a temporary file renamed over ``path``: never half a file)."""
+    import os
+
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(obj, indent=2, default=str))
+    tmp = p.parent / f".{p.name}.tmp-{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 if __name__ == "__main__":

@@ -113,6 +113,8 @@ def tagged(registry: "Registry[Any]", key: str, to_cls: Callable[[Any], type] = 
         if key not in v:
             raise ValueError(f"missing {key!r}; one of: {', '.join(registry.names())}")
         tag = v[key]
+        if not isinstance(tag, str):
+            raise ValueError(f"{key!r} must be a name, one of: {', '.join(registry.names())} (got {tag!r})")
         if tag not in registry:
             raise ValueError(f"unknown {registry.kind} {tag!r}; registered: {', '.join(registry.names())}")
         cls = to_cls(registry.get(tag))

@@ -25,6 +25,11 @@ EXPORT_REPORT = "export_report.json"
 REPORT_FILES = ("report.json", "report.md")
 #: First file of every temporary folder: proof that a stale ``.NAME.tmp-*`` folder is ours.
 TEMP_MARKER = ".modelpress-temp"
+#: Names of files modelpress writes into an output: a stale temporary folder holding only these (a
+#: kill can land between creating the folder and writing its marker) is ours too.
+_OUTPUT_FILE_RE = re.compile(r"^(model.*\.safetensors(\.index\.json)?|config\.json|generation_config\.json|"
+                             r"tokenizer.*|special_tokens_map\.json|modelpress\.json|report\.(json|md)|"
+                             r"export_report\.json|recipe\.yaml|.*\.export\.json)$")
 _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)(?:-\d+)?$")
 
 
@@ -103,9 +108,16 @@ def stale_temps(out: Path) -> list[Path]:
         m = _TEMP_RE.match(p.name)
         if m is None or m.group("name") != out.name or int(m.group("pid")) == os.getpid() or pid_alive(int(m.group("pid"))):
             continue
-        if p.is_file() or (p.is_dir() and ((p / TEMP_MARKER).exists() or owned_files(p) is not None)):
+        if p.is_file() or (p.is_dir() and _looks_like_our_temp(p)):
             found.append(p)
     return found
+
+
+def _looks_like_our_temp(folder: Path) -> bool:
+    """Our marker, our manifest, or nothing but files named as modelpress names its outputs."""
+    if (folder / TEMP_MARKER).exists() or owned_files(folder) is not None:
+        return True
+    return all(p.is_file() and _OUTPUT_FILE_RE.match(p.name) for p in folder.iterdir())
 
 
 def remove(path: Path) -> None:
@@ -129,13 +141,15 @@ def clean_stale_temps(out: str | os.PathLike) -> list[Path]:
 
 def temp_path(out: Path, *, is_file: bool = False) -> Path:
     """A fresh temporary entry beside ``out`` (a marked folder, or a file path when ``is_file``)."""
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.time_ns()}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.time_ns()}"
         if not is_file:
             tmp.mkdir()
             (tmp / TEMP_MARKER).touch()
     except OSError as e:
+        with contextlib.suppress(OSError):
+            remove(tmp)
         raise EnvironmentFailure.from_os_error(e, "create", out.parent) from None
     return tmp
 
@@ -188,3 +202,19 @@ def atomic_output(output: str | os.PathLike, overwrite: bool, *, is_file: bool =
         if tmp.exists() or tmp.is_symlink():
             with contextlib.suppress(OSError):
                 remove(tmp)
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` whose I/O failures name the path (its Rust writer's errors
+    carry the OS cause only as text)."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except OSError as e:
+        raise EnvironmentFailure.from_os_error(e, "write", path) from None
+    except Exception as e:
+        cause = io_cause(e)
+        if cause is None:
+            raise
+        raise EnvironmentFailure(f"cannot write {path}: {cause}") from None

@@ -30,6 +30,7 @@ from .. import __version__
 from ..core.config import Registry
 from ..core.errors import ModelpressError
 from ..core.outputs import MANIFEST, REPORT_FILES, TEMP_MARKER, atomic_output
+from ..core.outputs import save_safetensors as save_file
 from ..models.loading import LoadedModel, read_json
 from ..quant.qlinear import QuantLinear
 
@@ -105,8 +106,6 @@ def save_compressed(lm: LoadedModel, output: str | Path, *, recipe: Any = None, 
 
 
 def _write_folder(lm: LoadedModel, tmp: Path, recipe: Any, report: dict | None) -> None:
-    from safetensors.torch import save_file
-
     from ..eval.report import markdown, with_output_size
     from ..models.fingerprint import source_digest
 
@@ -150,7 +149,7 @@ def _write_shards(lm: LoadedModel, sd: dict[str, torch.Tensor], tmp: Path) -> di
 
     Returns the per-layer formats of the streamed blocks (full names) for the manifest.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     lazy = lm.lazy
     rest = {k: v for k, v in sd.items() if not v.is_meta}

@@ -211,7 +211,9 @@ def _load_hf(where: str, src: str, dtype: torch.dtype, trust_remote_code: bool) 
         module, info = hf_auto_class(config).from_pretrained(
             where, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
             use_safetensors=True if local else None, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001  -- transformers / safetensors raise many types for a bad folder
+        if not isinstance(e, (OSError, ValueError, RuntimeError, KeyError)) and type(e).__name__ != "SafetensorError":
+            raise
         raise ModelpressError(f"cannot load model {src!r}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
     check_loading_info(src, info)
     tok = try_tokenizer(where, trust_remote_code=trust_remote_code)

@@ -254,8 +254,7 @@ class Checkpointer:
     def save(self, next_block: int, lm: LoadedModel, prefix: str, inputs: BlockInputs, ctx: RunContext) -> None:
         if self.dir is None:
             return
-        from safetensors.torch import save_file
-
+        from ..core.outputs import save_safetensors as save_file
         from ..export.saving import layer_formats
 
         self.dir.mkdir(parents=True, exist_ok=True)

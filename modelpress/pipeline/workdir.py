@@ -39,11 +39,12 @@ class RunFolder:
     def open(self) -> Path:
         """Create (or take over after a killed run) the run folder; returns its path."""
         self._check_ours()
+        self._created_parent = not self.parent.exists()
         try:
-            self._created_parent = not self.parent.exists()
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / MARKER).write_text(json.dumps({"owner": "modelpress", "pid": os.getpid()}))
         except OSError as e:
+            self.close()  # what this call created goes again (an empty folder: nothing of the user's)
             raise EnvironmentFailure.from_os_error(e, "create", self.path) from None
         return self.path
 
@@ -51,6 +52,8 @@ class RunFolder:
         if not self.path.exists():
             return
         marker = self.path / MARKER
+        if self.path.is_dir() and not any(self.path.iterdir()):
+            return  # empty: a kill between creating it and writing the marker
         if not self.path.is_dir() or not marker.is_file():
             raise ModelpressError(f"{self.path} exists and was not made by modelpress; choose another --workdir")
         try:
@@ -68,7 +71,7 @@ class RunFolder:
 
     def close(self) -> None:
         """Remove the run folder, and its parent if modelpress made that and it is now empty."""
-        if self.path.is_dir() and (self.path / MARKER).is_file():
+        if self.path.is_dir() and ((self.path / MARKER).is_file() or not any(self.path.iterdir())):
             shutil.rmtree(self.path, ignore_errors=True)
         if self._created_parent or self.remove_parent_if_empty:
             with contextlib.suppress(OSError):
