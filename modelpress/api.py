@@ -23,8 +23,8 @@ from .data.sources import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, read_text
 from .eval.perplexity import perplexity
 from .eval.size import count_params, disk_bytes, memory_bytes, peak_rss_bytes
 from .models.loading import LoadedModel, load_model
-from .pipeline.methods import METHODS, MethodConfig, RunContext
-from .pipeline.recipe import Recipe, load_recipe, register_builtin_methods
+from .core.method import METHODS, MethodConfig, RunContext
+from .pipeline.recipe import Recipe, load_recipe
 from .pipeline.workdir import RunFolder
 
 
@@ -47,7 +47,6 @@ def load(model: str | Path | nn.Module | LoadedModel, *, low_memory: bool = Fals
 
 def as_recipe(recipe: str | Path | Recipe | MethodConfig | dict) -> Recipe:
     """A Recipe from a built-in name, YAML path, dict, Recipe or a single method config."""
-    register_builtin_methods()
     if isinstance(recipe, MethodConfig):
         return Recipe(name=f"single-{recipe.method}", stages=[recipe])
     return load_recipe(recipe)

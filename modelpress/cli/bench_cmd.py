@@ -11,7 +11,7 @@ from typing import Any
 
 from ..core.errors import ModelpressError
 from . import args as A
-from .main import write_json
+from .output import write_json
 
 HELP = "time to first token, decode latency, tokens/s at batch 1/4/16, memory, size, cost, roofline"
 

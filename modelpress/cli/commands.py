@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..core.errors import ModelpressError
-from .main import write_json
+from .output import write_json
 
 console = Console(file=sys.stderr)
 

@@ -17,39 +17,49 @@ EXAMPLES = """examples:
 
 
 def add_parser(sub: Any) -> None:
-    """Register the ``export`` subcommand on the main parser's subparsers."""
-    p = sub.add_parser("export", help="write hf / compressed-tensors / gguf files that other runtimes load",
+    """Register the ``export`` subcommand; formats and their option flags come from the writer registry."""
+    from ..export.writers import WRITERS
+
+    p = sub.add_parser("export", help="write " + " / ".join(WRITERS.names()) + " files that other runtimes load",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="modelpress output folder, HF folder, .gguf, bundled:NAME ...")
-    p.add_argument("--format", required=True, choices=["hf", "compressed-tensors", "gguf"], dest="export_format")
-    p.add_argument("--output", required=True, help="output folder (hf, compressed-tensors) or .gguf file")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--format", required=True, choices=WRITERS.names(), dest="export_format",
+                   help="; ".join(f"{n}: {w.summary}" for n, w in WRITERS.items()))
+    p.add_argument("--output", required=True, help="output folder, or file for single-file formats (.gguf)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (only one modelpress wrote)")
     p.add_argument("--on-unsupported", choices=["refuse", "dequantize", "requantize"], default="refuse",
                    help="a layer the target cannot represent: stop and list them (default), write it as "
                         "float, or re-quantise it to the nearest format the target has")
-    p.add_argument("--gguf-type", default=None, help="GGUF tensor type: F32 F16 Q8_0 Q4_0 Q4_1 Q4_K Q5_K Q6_K (default Q4_0)")
-    p.add_argument("--gguf-float-type", default=None,
-                   help="GGUF type for tensors modelpress left in float (embeddings): F16 (default), F32, Q8_0 ... or 'same'")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="hf: weight dtype (default float32)")
+    for opt, fmts in _options().items():
+        p.add_argument(f"--{opt.flag}", dest=opt.dest, default=None, choices=opt.choices,
+                       help=f"{'/'.join(fmts)}: {opt.help} (default {opt.default})")
     p.add_argument("--trust-remote-code", action="store_true")
+
+
+def _options() -> dict[Any, list[str]]:
+    """Every writer option once, with the formats that take it."""
+    from ..export.writers import WRITERS
+
+    out: dict[Any, list[str]] = {}
+    for name, w in WRITERS.items():
+        for opt in w.options:
+            out.setdefault(opt, []).append(name)
+    return out
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .. import api
     from ..export.export import export
+    from ..export.writers import WRITERS
 
-    fmt = args.export_format
-    opts: dict[str, Any] = {}
-    if fmt == "gguf":
-        opts = {"gguf_type": args.gguf_type or "Q4_0", "float_type": args.gguf_float_type or "F16"}
-    elif args.gguf_type or args.gguf_float_type:
-        raise ModelpressError("--gguf-type / --gguf-float-type apply to --format gguf only")
-    if fmt == "hf":
-        opts["dtype"] = args.dtype or "float32"
-    elif args.dtype:
-        raise ModelpressError("--dtype applies to --format hf only")
+    writer = WRITERS.get(args.export_format)
+    mine = {o.dest for o in writer.options}
+    for opt in _options():
+        if getattr(args, opt.dest) is not None and opt.dest not in mine:
+            raise ModelpressError(f"--{opt.flag} does not apply to --format {writer.name}")
+    opts = {o.dest: getattr(args, o.dest) if getattr(args, o.dest) is not None else o.default for o in writer.options}
     lm = api.load(args.model, trust_remote_code=args.trust_remote_code)
-    report = export(lm, fmt, args.output, on_unsupported=args.on_unsupported, overwrite=args.overwrite, **opts)
+    report = export(lm, writer.name, args.output, on_unsupported=args.on_unsupported, overwrite=args.overwrite, **opts)
     print(report.summary(), file=sys.stderr)
     for note in report.notes:
         print(f"note: {note}", file=sys.stderr)

@@ -7,9 +7,7 @@ traceback in a log file whose path the line gives (``--debug`` prints it in plac
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Any, Callable, NoReturn
 
 from ..core.errors import ModelpressError
@@ -122,20 +120,6 @@ def _extra_handler(cmd: str) -> Callable[[Any], int]:
 
     return getattr(importlib.import_module(f"{__package__}.{cmd}_cmd"), f"cmd_{cmd}")
 
-
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as JSON atomically (a temporary file renamed over ``path``: never half a file)."""
-    import os
-
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.parent / f".{p.name}.tmp-{os.getpid()}"
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, default=str))
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 if __name__ == "__main__":

@@ -41,15 +41,29 @@ class Config(BaseModel):
 class Registry(Generic[T]):
     """Name -> object table with explicit registration.
 
+    ``packages``: the family's built-in packages. Asking for a name the table does not hold, or for
+    all names, first imports them and the installed plugins once (:mod:`modelpress.core.plugins`),
+    so every extension registers with one decorator in its own module and nowhere else.
+
     Example:
         >>> formats = Registry("format")
         >>> @formats.register("int")
         ... class IntFormat: ...
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, packages: tuple[str, ...] = ()) -> None:
         self.kind = kind
+        self.packages = packages
         self._items: dict[str, T] = {}
+        self._discovered = False
+
+    def discover(self) -> None:
+        """Import the family's built-in modules and the installed plugins (once)."""
+        if not self._discovered:
+            self._discovered = True
+            from .plugins import discover
+
+            discover(self.packages)
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator registering ``obj`` under ``name``; a duplicate name is a programming error."""
@@ -65,14 +79,27 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         """Look up ``name``; an unknown name is a user error listing what exists."""
         if name not in self._items:
+            self.discover()
+        if name not in self._items:
             known = ", ".join(sorted(self._items)) or "(none)"
             raise ModelpressError(f"unknown {self.kind} {name!r}; registered: {known}")
         return self._items[name]
 
     def names(self) -> list[str]:
+        """Every registered name (the family's built-ins and plugins included)."""
+        self.discover()
         return sorted(self._items)
 
+    def items(self) -> list[tuple[str, T]]:
+        """(name, object) for every registered name, sorted."""
+        return [(n, self._items[n]) for n in self.names()]
+
     def __contains__(self, name: object) -> bool:
+        """Whether ``name`` is registered (discovering the family first when it is not yet)."""
+        if not isinstance(name, str):
+            return False
+        if name not in self._items:
+            self.discover()
         return name in self._items
 
 

@@ -25,14 +25,6 @@ from ..quant.qlinear import QuantLinear
 Action = Literal["lossless", "near-lossless", "requantized", "dequantized", "cast", "copied"]
 
 
-class ExportFormat(str, Enum):
-    """Export targets (``modelpress export --format``)."""
-
-    HF = "hf"
-    COMPRESSED_TENSORS = "compressed-tensors"
-    GGUF = "gguf"
-
-
 class OnUnsupported(str, Enum):
     """What to do with a layer the target cannot represent (``--on-unsupported``)."""
 

@@ -1,4 +1,4 @@
-"""Safe saving and loading of compressed models.
+"""Saving compressed models safely (the reading side is :mod:`modelpress.models.saved`).
 
 Layout of an output folder::
 
@@ -6,18 +6,15 @@ Layout of an output folder::
     config.json         the model's HF config (when it has one)
     tokenizer files     when the model has a tokenizer
     modelpress.json     manifest: recipe, versions, per-layer formats, sha256 of every file
-
     report.json/.md     the run's report (timings, memory): not hashed, not reproducible
 
 Writes go to a hidden temporary folder renamed into place only when complete, so an interrupted
 save never leaves a half-written output, and an existing folder is replaced only when it is a
 modelpress output (:mod:`modelpress.core.outputs`). The model files are byte-reproducible: the
 same model, recipe and calibration data give the same sha256 for every file but the reports.
-Loading reads safetensors only (no pickle) and checks every file's sha256 against the manifest.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 from pathlib import Path
@@ -27,32 +24,16 @@ import torch
 import torch.nn as nn
 
 from .. import __version__
-from ..core.config import Registry
-from ..core.errors import ModelpressError
+from ..core.layers import layer_formats
 from ..core.outputs import MANIFEST, REPORT_FILES, TEMP_MARKER, atomic_output
 from ..core.outputs import save_safetensors as save_file
-from ..models.loading import LoadedModel, read_json
-from ..quant.qlinear import QuantLinear
+from ..models.loading import LoadedModel
+from ..models.saved import (FORMAT_VERSION, INDEX, WEIGHTS, load_compressed, load_into, read_safetensors,  # noqa: F401
+                            read_weights, sha256_file, verify_files)
 
-WEIGHTS = "model.safetensors"
-INDEX = "model.safetensors.index.json"
-FORMAT_VERSION = 1
 #: One metadata key only: safetensors writes its metadata map in random order, so two keys would
 #: give files that differ from run to run. The producer's version is in the manifest instead.
 ST_METADATA = {"format": "pt"}
-
-#: Compressed layer classes other than ``QuantLinear``, keyed by their manifest ``layer`` tag. A class
-#: registers itself and provides ``manifest_entry() -> dict`` (JSON: format, shape, bias ...) and
-#: ``from_saved(info, tensors) -> nn.Module`` (``tensors``: its own state dict, bias included).
-LAYER_CLASSES: Registry[type[nn.Module]] = Registry("compressed layer")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 def _state_dict_without_ties(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[list[str]]]:
@@ -79,18 +60,6 @@ def _versions() -> dict[str, str]:
 
     return {"modelpress": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
-
-
-def layer_formats(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """name -> {format, shape, bias, bits_per_weight} for every quantised layer."""
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            out[name] = {"format": m.fmt.to_dict(), "shape": [m.out_features, m.in_features],
-                         "bias": m.bias is not None, "bits_per_weight": 8.0 * m.stored_bytes() / (m.out_features * m.in_features)}
-        elif getattr(m, "layer_tag", None) in LAYER_CLASSES:
-            out[name] = {"layer": m.layer_tag, **m.manifest_entry()}
-    return out
 
 
 def save_compressed(lm: LoadedModel, output: str | Path, *, recipe: Any = None, report: dict | None = None,
@@ -166,128 +135,3 @@ def _write_shards(lm: LoadedModel, sd: dict[str, torch.Tensor], tmp: Path) -> di
     return layers
 
 
-def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
-    """Every file listed in the manifest exists with the recorded sha256."""
-    for name, digest in manifest.get("files", {}).items():
-        p = folder / name
-        if not p.is_file():
-            raise ModelpressError(f"{folder}: file {name} listed in {MANIFEST} is missing")
-        if sha256_file(p) != digest:
-            raise ModelpressError(f"{p}: sha256 does not match {MANIFEST} (truncated or modified file)")
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file; a corrupt file is a one-line error."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ModelpressError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
-
-
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a single-file or sharded (index.json) output."""
-    if (folder / INDEX).exists():
-        shards = sorted(set(read_json(folder / INDEX)["weight_map"].values()))
-        out: dict[str, torch.Tensor] = {}
-        for sh in shards:
-            out.update(read_safetensors(folder / sh))
-        return out
-    return read_safetensors(folder / WEIGHTS)
-
-
-def load_compressed(folder: str | Path, *, trust_remote_code: bool = False, verify: bool = True) -> LoadedModel:
-    """Rebuild a model saved by :func:`save_compressed` (packed layers stay packed)."""
-    folder = Path(folder)
-    manifest = read_json(folder / MANIFEST)
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ModelpressError(f"{folder}: unsupported modelpress format version {manifest.get('format_version')}")
-    if verify:
-        verify_files(folder, manifest)
-    tensors = read_weights(folder)
-    model = _skeleton(folder, trust_remote_code)
-    _install_packed_layers(model, manifest["layers"], tensors)
-    _load_rest(model, tensors, manifest)
-    model.eval()
-    return _wrap_loaded(model, folder, manifest)
-
-
-def _skeleton(folder: Path, trust_remote_code: bool) -> nn.Module:
-    import transformers
-
-    from ..models.loading import hf_auto_class
-
-    if not (folder / "config.json").exists():
-        raise ModelpressError(f"{folder}: no config.json; a plain nn.Module output must be rebuilt by its own code "
-                              "and filled with modelpress.export.saving.load_into(module, folder)")
-    config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    return hf_auto_class(config).from_config(config, trust_remote_code=trust_remote_code)
-
-
-def _install_packed_layers(model: nn.Module, layers: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    from ..models.layers import set_submodule
-    from ..quant.formats import format_from_dict
-
-    for name, info in layers.items():
-        prefix = name + "."
-        own = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix) and "." not in k[len(prefix):]}
-        if "layer" in info:
-            set_submodule(model, name, _layer_class(info["layer"]).from_saved(info, own))
-            continue
-        fmt = format_from_dict(info["format"])
-        bias = own.pop("bias", None)
-        set_submodule(model, name, QuantLinear(fmt, tuple(info["shape"]), own, bias))
-
-
-def _layer_class(tag: str) -> type[nn.Module]:
-    """The registered class of a manifest ``layer`` tag (method modules register their layers)."""
-    if tag not in LAYER_CLASSES:
-        from ..pipeline.recipe import register_builtin_methods
-
-        register_builtin_methods()
-    return LAYER_CLASSES.get(tag)
-
-
-def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
-    for group in manifest.get("tied", []):
-        src = group[0]
-        for k in group[1:]:
-            tensors[k] = tensors[src]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    packed = tuple(n + "." for n in manifest.get("layers", {}))  # installed already from their tensors
-    missing = [k for k in missing if not k.startswith(packed)]
-    if unexpected:
-        raise ModelpressError(f"weights file has tensors the model does not: {', '.join(unexpected[:5])}")
-    if missing:
-        raise ModelpressError(f"weights file lacks tensors: {', '.join(missing[:5])}")
-    if hasattr(model, "tie_weights") and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-        model.tie_weights()
-
-
-def load_into(module: nn.Module, folder: str | Path) -> nn.Module:
-    """Fill a freshly built plain ``nn.Module`` from a modelpress folder (for models without a config)."""
-    folder = Path(folder)
-    manifest = read_json(folder / MANIFEST)
-    verify_files(folder, manifest)
-    tensors = read_weights(folder)
-    _install_packed_layers(module, manifest["layers"], tensors)
-    _load_rest(module, tensors, manifest)
-    return module
-
-
-def _wrap_loaded(model: nn.Module, folder: Path, manifest: dict[str, Any]) -> LoadedModel:
-    from ..models.archspec import detect_spec
-    from ..models.loading import try_tokenizer
-
-    tok = None
-    if (folder / "tokenizer.bin").exists():
-        from ..models.llama2c import Llama2cTokenizer
-        from ..models.tokenizers import Llama2cTextTokenizer
-
-        tok = Llama2cTextTokenizer(Llama2cTokenizer(folder / "tokenizer.bin"))
-    elif any(folder.glob("tokenizer*")):
-        tok = try_tokenizer(str(folder))
-    return LoadedModel(model, detect_spec(model), tok, str(folder), "modelpress", add_bos=bool(manifest.get("add_bos")),
-                       manifest=manifest, layer_formats=manifest.get("layers", {}), files=[folder / MANIFEST])

@@ -1,11 +1,11 @@
 """Kernels: a registry keyed by (op, format, backend) with the pure-torch reference always available.
 
-Importing this package registers the built-in kernels (reference, dense, int4pack, int8pack,
-int8-dynamic on CPU; cuda-fp8 and 2:4 sparse on CUDA, untested here). ``install_kernels`` swaps a
+Built-in kernels (reference, dense, int4pack, int8pack, int8-dynamic on CPU; cuda-fp8 and 2:4 sparse
+on CUDA, untested here) register from their own modules when the registry is first asked
+(:mod:`modelpress.core.plugins`). ``install_kernels`` swaps a
 model's quantised linears for their kernels; ``generate`` runs Llama-family decoding with a static
 (optionally quantised) KV cache.
 """
-from . import cpu, cuda, reference  # noqa: F401  (registration)
 from .install import cast_float_parts, fuse_projections, install_kernels
 from .registry import ENV_VAR, KERNELS, KernelPlan, prefer_kernel, requested_kernel, select_kernel
 

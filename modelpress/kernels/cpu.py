@@ -26,7 +26,6 @@ picked automatically; name it to use it.
 """
 from __future__ import annotations
 
-from typing import ClassVar
 
 import torch
 import torch.nn as nn

@@ -16,7 +16,8 @@ from ..quant.formats.base import QTensor
 from ..quant.formats.fp8 import FP8Format
 from ..quant.granularity import PerChannel, PerTensor
 from .reference import KernelLinear
-from .registry import KERNELS, KernelPlan, set_module
+from ..core.layers import set_submodule as set_module
+from .registry import KERNELS, KernelPlan
 
 
 def _capability(device: torch.device) -> tuple[int, int] | None:

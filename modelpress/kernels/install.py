@@ -21,7 +21,8 @@ from ..quant.formats.base import QTensor
 from ..quant.qlinear import QuantLinear
 from . import cpu, cuda, reference  # noqa: F401  (registers the built-in kernels)
 from .reference import KernelLinear
-from .registry import AUTO, KernelPlan, requested_kernel, select_kernel, set_module
+from ..core.layers import set_submodule as set_module
+from .registry import AUTO, KernelPlan, requested_kernel, select_kernel
 
 
 def install_kernels(model: nn.Module, prefer: str | None = None, dtype: torch.dtype = torch.bfloat16,

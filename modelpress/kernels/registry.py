@@ -56,10 +56,22 @@ class Kernel(Protocol):
 
 
 class KernelRegistry:
-    """(op, format, backend) -> kernels, plus lookup by name."""
+    """(op, format, backend) -> kernels, plus lookup by name.
+
+    Kernel modules of ``modelpress.kernels`` (and plugins) register on first use, as every other
+    registry's extensions do (:mod:`modelpress.core.plugins`).
+    """
 
     def __init__(self) -> None:
         self._by_name: dict[str, type[Kernel]] = {}
+        self._discovered = False
+
+    def _discover(self) -> None:
+        if not self._discovered:
+            self._discovered = True
+            from ..core.plugins import discover
+
+            discover(("modelpress.kernels",))
 
     def register(self, cls: type[Kernel]) -> type[Kernel]:
         """Class decorator; a duplicate name is a programming error."""
@@ -70,20 +82,25 @@ class KernelRegistry:
 
     def get(self, name: str) -> type[Kernel]:
         if name not in self._by_name:
+            self._discover()
+        if name not in self._by_name:
             raise ModelpressError(f"unknown kernel {name!r}; registered: {', '.join(self.names())}")
         return self._by_name[name]
 
     def names(self) -> list[str]:
+        self._discover()
         return sorted(self._by_name)
 
     def candidates(self, op: str, fmt: str, backend: str) -> list[type[Kernel]]:
         """Kernels registered for (op, format, backend), best first (wildcards included)."""
+        self._discover()
         ks = [k for k in self._by_name.values() if k.op == op and k.priority > 0
               and ("*" in k.formats or fmt in k.formats) and k.backend in ("*", backend)]
         return sorted(ks, key=lambda k: -k.priority)
 
     def table(self) -> list[dict[str, object]]:
         """Rows (name, op, formats, backend, priority, tested) for docs and ``--kernel`` help."""
+        self._discover()
         return [{"name": k.name, "op": k.op, "formats": list(k.formats), "backend": k.backend,
                  "priority": k.priority, "tested": k.tested} for k in self._by_name.values()]
 
@@ -172,10 +189,3 @@ class KernelPlan:
 
     def to_dict(self) -> dict[str, object]:
         return {"requested": self.requested, "counts": self.counts(), "notes": self.notes()}
-
-
-def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted ``name`` of ``root`` by ``new``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..core.layers import set_submodule  # noqa: F401  (re-exported: where model code looks for it)
+
 
 def is_conv1d(module: nn.Module) -> bool:
     """HF ``Conv1D`` (GPT-2): a linear whose weight is stored (in, out)."""
@@ -36,8 +38,3 @@ def named_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if n and is_linear_like(m)]
 
 
-def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the module called ``name`` by ``new``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)

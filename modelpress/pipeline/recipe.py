@@ -22,7 +22,7 @@ from pydantic import BeforeValidator, SerializeAsAny, ValidationError, field_val
 
 from ..core.config import Config, format_validation_error, tagged
 from ..core.errors import ModelpressError
-from .methods import METHODS, MethodConfig
+from ..core.method import METHODS, MethodConfig
 
 StageField = Annotated[SerializeAsAny[MethodConfig], BeforeValidator(tagged(METHODS, "method", lambda e: e.config))]
 
@@ -46,14 +46,8 @@ class Recipe(Config):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def register_builtin_methods() -> None:
-    """Import every method module so it registers itself (explicit list, no package scanning)."""
-    from .. import methods_index  # noqa: F401
-
-
 def parse_recipe(data: Any, origin: str = "<recipe>") -> Recipe:
     """Validate a recipe dict; errors read ``origin: stages[0].format.bits: ...``."""
-    register_builtin_methods()
     if not isinstance(data, dict):
         raise ModelpressError(f"{origin}: a recipe must be a mapping with a 'stages' list")
     try:

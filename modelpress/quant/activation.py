@@ -25,9 +25,9 @@ from pydantic import model_validator
 
 from ..core.config import Config
 from ..core.errors import ModelpressError
-from ..export.saving import LAYER_CLASSES
+from ..core.layers import SAVED_LAYERS
 from ..models.layers import linear_weight, set_submodule
-from ..pipeline.methods import LayerRecord, RunContext
+from ..core.method import LayerRecord, RunContext
 
 QMAX = 127  # int8 weights use the symmetric grid [-127, 127]
 
@@ -231,7 +231,7 @@ def _static_tensors(spec: ActQuantSpec, act_scale: torch.Tensor | None, act_zero
     return out
 
 
-@LAYER_CLASSES.register("w8a8_linear")
+@SAVED_LAYERS.register("w8a8_linear")
 class ActQuantLinear(_ActQuantMixin, Int8WeightModule):
     """Linear with int8 weight and int8 activations (W8A8), integer matmul.
 
@@ -268,7 +268,7 @@ class ActQuantLinear(_ActQuantMixin, Int8WeightModule):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
-@LAYER_CLASSES.register("w8a8_conv2d")
+@SAVED_LAYERS.register("w8a8_conv2d")
 class ActQuantConv2d(_ActQuantMixin, Int8WeightModule):
     """Conv2d with int8 weight (one scale per output channel) and per-tensor int8 activations.
 

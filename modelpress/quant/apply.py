@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from ..models.layers import set_submodule
-from ..pipeline.methods import LayerRecord, RunContext
+from ..core.method import LayerRecord, RunContext
 from .formats.base import QTensor, WeightFormat
 from .granularity import PerGroup, fitting_group_sizes, group_layout
 from .qlinear import QuantLinear

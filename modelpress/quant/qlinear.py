@@ -6,13 +6,14 @@ points), so saving a quantised model writes packed weights, not fp32 copies.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .formats.base import QTensor, WeightFormat
+from ..core.layers import SAVED_LAYERS
+from .formats.base import QTensor, WeightFormat, format_from_dict
 
 
 _CACHE_DEPTH = 0  # > 0 while some caller wants dequantised weights kept between forwards
@@ -38,6 +39,7 @@ def cached_dequant(model: nn.Module | None = None) -> Iterator[None]:
             QuantLinear._live.clear()
 
 
+@SAVED_LAYERS.register("quant")
 class QuantLinear(nn.Module):
     """Linear layer with a quantised weight.
 
@@ -50,6 +52,7 @@ class QuantLinear(nn.Module):
     """
 
     is_compressed_linear = True
+    layer_tag = "quant"
     _live: "set[QuantLinear]" = set()  # layers holding a cache (cleared by cached_dequant)
 
     def __init__(self, fmt: WeightFormat, shape: tuple[int, int], tensors: dict[str, torch.Tensor],
@@ -67,6 +70,19 @@ class QuantLinear(nn.Module):
     def from_linear_weight(cls, qt: QTensor, bias: torch.Tensor | None) -> "QuantLinear":
         """Build from a :class:`QTensor` of the (out, in) weight."""
         return cls(qt.fmt, qt.shape, qt.to_tensors(), bias)
+
+    def manifest_entry(self) -> dict[str, Any]:
+        """What ``modelpress.json`` records (read back by :meth:`from_saved`)."""
+        return {"format": self.fmt.to_dict(), "shape": [self.out_features, self.in_features],
+                "bias": self.bias is not None,
+                "bits_per_weight": 8.0 * self.stored_bytes() / (self.out_features * self.in_features)}
+
+    @classmethod
+    def from_saved(cls, info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "QuantLinear":
+        """Rebuild from a manifest entry and the layer's own tensors (packed codes, parameters, bias)."""
+        tensors = dict(tensors)
+        bias = tensors.pop("bias", None)
+        return cls(format_from_dict(info["format"]), tuple(info["shape"]), tensors, bias)
 
     def qtensor(self) -> QTensor:
         return QTensor.from_tensors(self.fmt, (self.out_features, self.in_features),

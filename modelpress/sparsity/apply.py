@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from ..models.layers import is_conv1d, set_submodule
-from ..pipeline.methods import LayerRecord, RunContext
+from ..core.method import LayerRecord, RunContext
 from .layer import SparseLayer, dense_weight
 from .patterns import SparsityPattern
 

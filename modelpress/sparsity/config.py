@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from ..pipeline.methods import MethodConfig
+from ..core.method import MethodConfig
 from .patterns import NM, PatternField, SparsityPattern, Structured, Unstructured
 
 

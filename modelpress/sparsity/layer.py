@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.errors import ModelpressError
-from ..export.saving import LAYER_CLASSES
+from ..core.layers import SAVED_LAYERS
 from ..models.layers import is_conv1d, set_submodule
 from ..quant.activation import ConvGeometry
 from .masks import as_matrix, mask_from_scores, pack_mask, unpack_mask
@@ -33,7 +33,7 @@ from .patterns import SparsityPattern, Unstructured, pattern_from_dict
 Kind = Literal["linear", "conv1d", "conv2d"]
 
 
-@LAYER_CLASSES.register("sparse")
+@SAVED_LAYERS.register("sparse")
 class SparseLayer(nn.Module):
     """A layer computing with ``weight * mask`` (see module docstring).
 

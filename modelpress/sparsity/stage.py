@@ -13,8 +13,8 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from ..models.loading import LoadedModel
-from ..pipeline.methods import RunContext
-from ..pipeline.observed import ObservedBlockStage
+from ..core.method import RunContext
+from ..calib.observed import ObservedBlockStage
 
 #: (layer name, module, the accumulator of its input set, run context) -> None
 PruneFn = Callable[[str, nn.Module, Any, RunContext], None]

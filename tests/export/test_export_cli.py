@@ -35,7 +35,7 @@ def test_cli_exports_every_format(saved, tmp_path, capsys):
 @pytest.mark.parametrize("argv,msg", [
     (["--format", "gguf", "--output", "{tmp}/x"], "must be a .gguf file path"),
     (["--format", "gguf", "--gguf-type", "Q3_K", "--output", "{tmp}/x.gguf"], "--gguf-type Q3_K"),
-    (["--format", "hf", "--gguf-type", "Q4_0", "--output", "{tmp}/h"], "apply to --format gguf only"),
+    (["--format", "hf", "--gguf-type", "Q4_0", "--output", "{tmp}/h"], "does not apply to --format hf"),
     (["--format", "hf", "--output", "{saved}"], "exists; pass --overwrite"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(saved, tmp_path, capsys, argv, msg):

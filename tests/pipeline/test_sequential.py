@@ -126,7 +126,7 @@ def test_offloaded_activation_cache_gives_identical_result(tmp_path, calib):
 
 def test_true_sequential_replays_submodules_with_identical_result(calib, monkeypatch):
     """q/k/v -> o and gate/up -> down replay the attention / MLP from recorded inputs: same codes, fewer block calls."""
-    from modelpress.pipeline import observed
+    from modelpress.calib import observed
 
     def run(max_bytes):
         monkeypatch.setattr(observed, "REPLAY_MAX_BYTES", max_bytes)

@@ -96,12 +96,9 @@ def _import_heavy() -> None:
             importlib.import_module(name)
         except ImportError:  # moved by a refactor: only a warm-up, the command imports what it needs
             pass
-    try:
-        from modelpress.pipeline.recipe import register_builtin_methods
+    from modelpress.core.method import METHODS
 
-        register_builtin_methods()
-    except ImportError:
-        pass
+    METHODS.names()  # imports every method module once, before the fork
 
 
 def run_batch(jobs_file: str, results_file: str) -> int:

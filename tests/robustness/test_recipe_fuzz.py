@@ -38,11 +38,9 @@ def builtin_docs() -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=1)
 def method_names() -> list[str]:
-    from modelpress.pipeline.methods import METHODS
-    from modelpress.pipeline.recipe import register_builtin_methods
+    from modelpress.core.method import METHODS
 
-    register_builtin_methods()
-    return sorted(METHODS._items) if hasattr(METHODS, "_items") else sorted(METHODS.names())
+    return METHODS.names()
 
 
 def json_values(small: bool) -> st.SearchStrategy:

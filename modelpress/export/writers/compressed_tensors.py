@@ -18,9 +18,9 @@ from ...models.loading import LoadedModel
 from ...quant.formats.base import QTensor
 from ...quant.qlinear import QuantLinear
 from ..codecs.compressed_tensors import codec_for, nearest_representable
-from ..plan import (ExportFormat, ExportReport, OnUnsupported, Unrepresentable, dense_weight, describe_format,
+from ..plan import (ExportReport, OnUnsupported, Unrepresentable, dense_weight, describe_format,
                     refuse_if_any)
-from . import WRITERS, atomic_output, original_class, save_tokenizer, skeleton
+from . import register_writer, atomic_output, original_class, save_tokenizer, skeleton
 
 #: The compressed-tensors release whose schema this writer follows (config ``version``).
 CT_SCHEMA_VERSION = "0.20.0"
@@ -29,7 +29,7 @@ CT_SCHEMA_VERSION = "0.20.0"
 SPARSE_DENSE = "sparse layer written dense (compressed-tensors 0.20 has no sparse compressor)"
 
 
-@WRITERS.register(ExportFormat.COMPRESSED_TENSORS.value)
+@register_writer("compressed-tensors", summary="compressed-tensors checkpoint that vLLM loads")
 def write_compressed_tensors(lm: LoadedModel, output: str | Path, *, on_unsupported: OnUnsupported = OnUnsupported.REFUSE,
                              overwrite: bool = False, kv_cache: Any = None, **_: Any) -> ExportReport:
     """Export ``lm`` as a compressed-tensors checkpoint.
@@ -45,7 +45,7 @@ def write_compressed_tensors(lm: LoadedModel, output: str | Path, *, on_unsuppor
 
     from ..saving import _state_dict_without_ties
 
-    report = ExportReport(ExportFormat.COMPRESSED_TENSORS.value, str(output))
+    report = ExportReport("compressed-tensors", str(output))
     plan = _plan(lm, on_unsupported)
     sd, _ = _state_dict_without_ties(lm.module)
     groups: dict[str, dict[str, Any]] = {}

@@ -28,8 +28,8 @@ from ...models.loading import LoadedModel, resolve_bundled
 from ...models.tokenizers import Llama2cTextTokenizer
 from ...quant.qlinear import QuantLinear
 from ..codecs.gguf_blocks import KQUANT_FALLBACK, GGUFCodec, codec
-from ..plan import ExportFormat, ExportReport, OnUnsupported, dense_weight, describe_format, refuse_if_any
-from . import WRITERS, atomic_output
+from ..plan import ExportReport, OnUnsupported, dense_weight, describe_format, refuse_if_any
+from . import WriterOption, register_writer, atomic_output
 
 #: ``model_type`` values written with llama.cpp's ``llama`` architecture.
 LLAMA_TYPES = ("llama",)
@@ -38,7 +38,10 @@ _FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "Q8_0": "MOSTLY_Q8_0", "Q4
                "Q4_1": "MOSTLY_Q4_1", "Q4_K": "MOSTLY_Q4_K_S", "Q5_K": "MOSTLY_Q5_K_S", "Q6_K": "MOSTLY_Q6_K"}
 
 
-@WRITERS.register(ExportFormat.GGUF.value)
+@register_writer("gguf", summary="one .gguf file that llama.cpp loads", single_file=True, options=(
+    WriterOption("gguf-type", f"GGUF tensor type for quantised weights: {' '.join(GGUF_TYPES)}", "Q4_0"),
+    WriterOption("gguf-float-type", "GGUF type for tensors modelpress left in float (embeddings): a type or 'same'",
+                 "F16", keyword="float_type")))
 def write_gguf(lm: LoadedModel, output: str | Path, *, gguf_type: str = "Q4_0", float_type: str = "F16",
                on_unsupported: OnUnsupported = OnUnsupported.REFUSE, overwrite: bool = False, **_: Any) -> ExportReport:
     """Write ``lm`` as one ``.gguf`` file (and ``<output>.export.json`` with the per-tensor report).
@@ -57,7 +60,7 @@ def write_gguf(lm: LoadedModel, output: str | Path, *, gguf_type: str = "Q4_0", 
     out = Path(output)
     if out.suffix != ".gguf":
         raise ModelpressError(f"GGUF output must be a .gguf file path, got {out}")
-    report = ExportReport(ExportFormat.GGUF.value, str(out))
+    report = ExportReport("gguf", str(out))
     tensors = _plan_tensors(lm, cfg, gguf_type, gguf_type if float_type == "SAME" else float_type, on_unsupported)
     report.notes += _policy_notes(tensors, gguf_type, on_unsupported)
     with atomic_output(out, overwrite, is_file=True) as tmp:

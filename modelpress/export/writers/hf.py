@@ -18,13 +18,14 @@ from ...core.errors import ModelpressError
 from ...models.layers import set_submodule
 from ...models.loading import LoadedModel
 from ...quant.qlinear import QuantLinear
-from ..plan import ExportFormat, ExportReport, dense_weight, describe_format
-from . import WRITERS, atomic_output, original_class, save_tokenizer, skeleton
+from ..plan import ExportReport, dense_weight, describe_format
+from . import WriterOption, register_writer, atomic_output, original_class, save_tokenizer, skeleton
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@WRITERS.register(ExportFormat.HF.value)
+@register_writer("hf", summary="dense save_pretrained folder that transformers loads", options=(
+    WriterOption("dtype", "weight dtype of the dense folder", "float32", ("float32", "float16", "bfloat16")),))
 def write_hf(lm: LoadedModel, output: str | Path, *, dtype: str = "float32", overwrite: bool = False,
              **_: Any) -> ExportReport:
     """Write a dense ``save_pretrained`` folder (safetensors) of ``lm``.
@@ -36,7 +37,7 @@ def write_hf(lm: LoadedModel, output: str | Path, *, dtype: str = "float32", ove
         raise ModelpressError("HF export needs a transformers model (this one has no save_pretrained)")
     if dtype not in _DTYPES:
         raise ModelpressError(f"--dtype {dtype}: choose one of {', '.join(_DTYPES)}")
-    report = ExportReport(ExportFormat.HF.value, str(output))
+    report = ExportReport("hf", str(output))
     dense = _dense_copy(lm, report)
     dense.to(_DTYPES[dtype])
     with atomic_output(output, overwrite) as tmp:

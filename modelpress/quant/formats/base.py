@@ -27,7 +27,7 @@ from ..packing import pack_codes, packed_nbytes, unpack_codes
 Params = dict[str, torch.Tensor]
 
 #: ``type`` tag -> format class. Each format module registers itself.
-FORMATS: Registry[type["WeightFormat"]] = Registry("format")
+FORMATS: Registry[type["WeightFormat"]] = Registry("format", packages=("modelpress.quant.formats",))
 
 
 class WeightFormat(Config, ABC):

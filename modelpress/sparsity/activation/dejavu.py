@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...core.errors import ModelpressError
-from ...export.saving import LAYER_CLASSES
+from ...core.layers import SAVED_LAYERS
 from ...models.layers import linear_shape
 
 
@@ -88,7 +88,7 @@ class OracleActive:
         return neuron_scores(mlp.gate_proj, mlp.up_proj, x, mlp.act_fn) != 0
 
 
-@LAYER_CLASSES.register("dejavu_mlp")
+@SAVED_LAYERS.register("dejavu_mlp")
 class DejaVuMLP(nn.Module):
     """A gated (or plain) MLP that computes only the neurons its selector picks for each token.
 

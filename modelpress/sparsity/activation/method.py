@@ -18,9 +18,10 @@ from ...core.errors import ModelpressError
 from ...models.archspec import ArchSpec
 from ...models.layers import linear_shape, set_submodule
 from ...models.loading import LoadedModel
-from ...pipeline.methods import METHODS, LayerRecord, MethodConfig, MethodEntry, RunContext, select_layers
-from ...pipeline.observed import layer_groups, shared_input_sets
-from ...pipeline.sequential import BlockInputs, last_module
+from ...core.method import METHODS, LayerRecord, MethodConfig, MethodEntry, RunContext
+from ...models.selection import select_layers
+from ...calib.observed import layer_groups, shared_input_sets
+from ...calib.blocks import BlockInputs, last_module
 from .dejavu import DejaVuMLP, neuron_scores, recall, topk_mask, train_predictor
 from .teal import ThresholdLinear, magnitude_threshold
 

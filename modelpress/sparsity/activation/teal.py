@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ...core.errors import ModelpressError
-from ...export.saving import LAYER_CLASSES
+from ...core.layers import SAVED_LAYERS
 from ...models.layers import linear_shape
 
 
@@ -58,7 +58,7 @@ def column_sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return Y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-@LAYER_CLASSES.register("teal_linear")
+@SAVED_LAYERS.register("teal_linear")
 class ThresholdLinear(nn.Module):
     """Wraps a linear layer (``inner``, plain or quantised): inputs with ``|x| <= threshold`` are zeroed.
 

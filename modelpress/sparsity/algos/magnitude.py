@@ -21,7 +21,8 @@ from ...core.errors import ModelpressError
 from ...core.selectors import _matcher, select
 from ...models.archspec import blocks_path, role_of
 from ...models.loading import LoadedModel
-from ...pipeline.methods import METHODS, MethodEntry, RunContext, check_finite
+from ...core.method import METHODS, MethodEntry, RunContext
+from ...models.selection import check_finite
 from ...quant.algos.ptq.ptq import calibration_batches, feed
 from ..apply import install_pruned, record_pruned
 from ..config import PruneConfig

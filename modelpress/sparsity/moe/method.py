@@ -29,8 +29,8 @@ from ...core.selectors import select
 from ...models.archspec import MoESpec, blocks_path, get_blocks
 from ...models.layers import set_submodule
 from ...models.loading import LoadedModel
-from ...pipeline.methods import METHODS, LayerRecord, MethodConfig, MethodEntry, RunContext
-from ...pipeline.sequential import BlockInputs
+from ...core.method import METHODS, LayerRecord, MethodConfig, MethodEntry, RunContext
+from ...calib.blocks import BlockInputs
 from .experts import ExpertUsage, cluster_experts, cosine_similarity_matrix, least_used, merge_stacked, merge_weights
 from .router import RemappedRouter
 

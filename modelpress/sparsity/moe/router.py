@@ -12,10 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...export.saving import LAYER_CLASSES
+from ...core.layers import SAVED_LAYERS
 
 
-@LAYER_CLASSES.register("moe_remapped_router")
+@SAVED_LAYERS.register("moe_remapped_router")
 class RemappedRouter(nn.Module):
     """Softmax router over the original experts, top-k renormalised, indices mapped to merged experts.
 

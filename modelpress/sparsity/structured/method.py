@@ -28,8 +28,9 @@ from ...calib.stats import ActStatsAccumulator, HessianAccumulator
 from ...core.errors import ModelpressError
 from ...models.archspec import blocks_path, get_blocks, get_submodule
 from ...models.loading import LoadedModel
-from ...pipeline.methods import METHODS, LayerRecord, MethodConfig, MethodEntry, RunContext
-from ...pipeline.sequential import BlockInputs, last_module, run_sequential
+from ...core.method import METHODS, LayerRecord, MethodConfig, MethodEntry, RunContext
+from ...calib.blocks import BlockInputs
+from ...pipeline.sequential import run_sequential
 from ..patterns import Structured
 from .scores import (BlockInfluence, GQAMode, Score, count_to_remove, heads_to_remove, lowest, neuron_scores,
                      random_scores, refit_columns, unit_scores)

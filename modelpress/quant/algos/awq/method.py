@@ -23,8 +23,9 @@ from ....calib.stats import ActStatsAccumulator
 from ....models.archspec import get_submodule, role_of
 from ....models.layers import linear_shape, linear_weight
 from ....models.loading import LoadedModel
-from ....pipeline.methods import METHODS, MethodConfig, MethodEntry, RunContext, layer_weight, select_layers
-from ....pipeline.sequential import BlockInputs, last_module
+from ....core.method import METHODS, MethodConfig, MethodEntry, RunContext
+from ....models.selection import layer_weight, select_layers
+from ....calib.blocks import BlockInputs, last_module
 from ...apply import install_quantized, record_quantized
 from ...fields import FormatField
 from ...formats import IntFormat

@@ -10,8 +10,9 @@ from pydantic import Field
 from ....calib.obs import output_rel_error
 from ....calib.stats import HessianAccumulator
 from ....models.loading import LoadedModel
-from ....pipeline.methods import METHODS, MethodConfig, MethodEntry, RunContext, layer_weight, select_layers
-from ....pipeline.observed import ObservedBlockStage
+from ....core.method import METHODS, MethodConfig, MethodEntry, RunContext
+from ....models.selection import layer_weight, select_layers
+from ....calib.observed import ObservedBlockStage
 from ...apply import install_quantized, record_quantized
 from ...fields import FormatField
 from ...formats import IntFormat

@@ -18,7 +18,7 @@ import torch
 from pydantic import Field
 
 from ....core.config import Config
-from ....export.saving import LAYER_CLASSES
+from ....core.layers import SAVED_LAYERS
 from ....models.layers import linear_weight
 from ...activation import Int8WeightModule, int8_matmul, per_token_qparams, quantize_act, quantize_weight_per_channel
 
@@ -57,7 +57,7 @@ class LLMInt8Spec(Config):
     threshold: float = Field(6.0, gt=0, description="|x| above which a feature column is computed in float")
 
 
-@LAYER_CLASSES.register("llm_int8_linear")
+@SAVED_LAYERS.register("llm_int8_linear")
 class Int8OutlierLinear(Int8WeightModule):
     """Linear computed by LLM.int8(): int8 weight (per-row scale) and run-time outlier decomposition.
 

@@ -6,7 +6,8 @@ from typing import Literal
 from pydantic import Field
 
 from ....models.loading import LoadedModel
-from ....pipeline.methods import METHODS, MethodConfig, MethodEntry, RunContext, layer_weight, select_layers
+from ....core.method import METHODS, MethodConfig, MethodEntry, RunContext
+from ....models.selection import layer_weight, select_layers
 from ...activation import install_int8, record_int8
 from .llm_int8 import Int8OutlierLinear, LLMInt8Spec
 

@@ -17,7 +17,8 @@ from ....core.selectors import select
 from ....models.archspec import role_of
 from ....models.layers import linear_weight
 from ....models.loading import LoadedModel
-from ....pipeline.methods import METHODS, MethodConfig, MethodEntry, RunContext, check_finite
+from ....core.method import METHODS, MethodConfig, MethodEntry, RunContext
+from ....models.selection import check_finite
 from ...activation import ActQuantSpec, install_int8, record_int8
 from ...observers import OBSERVERS, Observer, PercentileObserver
 from .ptq import calibration_batches, dynamic_spec, feed, quantizable_layers, to_int8

@@ -4,7 +4,8 @@ from __future__ import annotations
 from typing import Literal
 
 from ....models.loading import LoadedModel
-from ....pipeline.methods import METHODS, MethodConfig, MethodEntry, RunContext, layer_weight, select_layers
+from ....core.method import METHODS, MethodConfig, MethodEntry, RunContext
+from ....models.selection import layer_weight, select_layers
 from ...apply import install_quantized, record_quantized
 from ...fields import FormatField
 from ...formats import IntFormat

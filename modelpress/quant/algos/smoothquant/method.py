@@ -19,8 +19,9 @@ from ....calib.stats import ActStatsAccumulator
 from ....models.archspec import get_submodule
 from ....models.layers import linear_weight
 from ....models.loading import LoadedModel
-from ....pipeline.methods import METHODS, LayerRecord, MethodConfig, MethodEntry, RunContext, layer_weight, select_layers
-from ....pipeline.sequential import BlockInputs, last_module
+from ....core.method import METHODS, LayerRecord, MethodConfig, MethodEntry, RunContext
+from ....models.selection import layer_weight, select_layers
+from ....calib.blocks import BlockInputs, last_module
 from ...activation import ActQuantLinear, ActQuantSpec, install_int8, record_int8
 from .smoothquant import fold_smoothing, smoothing_factors
 

@@ -14,7 +14,8 @@ from pydantic import Field
 from ....calib.obs import output_rel_error
 from ....calib.stats import HessianAccumulator
 from ....models.loading import LoadedModel
-from ....pipeline.methods import METHODS, MethodEntry, RunContext, layer_weight
+from ....core.method import METHODS, MethodEntry, RunContext
+from ....models.selection import layer_weight
 from ....quant.apply import install_quantized, record_quantized
 from ....quant.fields import FormatField
 from ...apply import install_pruned, record_pruned

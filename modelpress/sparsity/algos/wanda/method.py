@@ -8,7 +8,8 @@ from pydantic import Field
 
 from ....calib.stats import ActStatsAccumulator
 from ....models.loading import LoadedModel
-from ....pipeline.methods import METHODS, MethodEntry, RunContext, layer_weight
+from ....core.method import METHODS, MethodEntry, RunContext
+from ....models.selection import layer_weight
 from ...apply import install_pruned, record_pruned
 from ...config import PruneConfig
 from ...stage import CalibratedPruneStage

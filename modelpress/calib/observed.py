@@ -14,11 +14,12 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
-from ..calib.capture import capture_inputs
+from ..core.method import RunContext
 from ..models.archspec import ArchSpec
 from ..models.loading import LoadedModel
-from .methods import RunContext, layer_weight
-from .sequential import BlockInputs, SubInputs, common_ancestor, last_module
+from ..models.selection import layer_weight
+from .blocks import BlockInputs, SubInputs, common_ancestor, last_module
+from .capture import capture_inputs
 
 #: (loaded model, {layer name: module} of one input set, the set's accumulator, context) -> None
 ApplySetFn = Callable[[LoadedModel, dict[str, nn.Module], Any, RunContext], None]

@@ -1,0 +1,67 @@
+"""Compressed layer classes and how a saved folder names them.
+
+Every compressed layer class (``QuantLinear``, ``SparseLayer``, ``ThresholdLinear`` ...) registers
+here under its ``layer_tag`` and provides ``manifest_entry() -> dict`` (JSON: format, shape,
+bias ...) and ``from_saved(info, tensors) -> nn.Module`` (``tensors``: its own state dict).
+A manifest entry records the tag *and the module that defines the class*, so loading a saved
+folder imports exactly the layer classes it holds.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .config import Registry
+from .errors import ModelpressError
+
+SAVED_LAYERS: Registry[type[nn.Module]] = Registry("compressed layer", packages=("modelpress.quant", "modelpress.sparsity"))
+#: Tag of manifest entries written before entries named their class (quantised linears).
+DEFAULT_TAG = "quant"
+
+
+def is_compressed(m: nn.Module) -> bool:
+    """Whether ``m`` is an instance of a registered compressed layer class."""
+    tag = getattr(m, "layer_tag", None)
+    return tag is not None and tag in SAVED_LAYERS and isinstance(m, SAVED_LAYERS.get(tag))
+
+
+def layer_formats(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """name -> manifest entry (``layer``, ``module`` and the class's own fields) of every compressed layer."""
+    return {name: {"layer": m.layer_tag, "module": type(m).__module__, **m.manifest_entry()}
+            for name, m in model.named_modules() if is_compressed(m)}
+
+
+def saved_layer_class(info: dict[str, Any]) -> type[nn.Module]:
+    """The class of a manifest entry, importing only the module the entry names (ours or a plugin's)."""
+    tag = info.get("layer", DEFAULT_TAG)
+    module = info.get("module")
+    if tag not in SAVED_LAYERS and module:
+        from .plugins import plugin_modules
+
+        if not (module == "modelpress" or module.startswith("modelpress.") or module in plugin_modules()):
+            raise ModelpressError(f"saved layer class {tag!r} names module {module!r}, which is neither modelpress's "
+                                  "nor an installed modelpress plugin's; refusing to import it")
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ModelpressError(f"saved layer class {tag!r} needs module {module!r}: {e}") from None
+    return SAVED_LAYERS.get(tag)
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the module called ``name`` (dotted path) by ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def install_packed_layers(model: nn.Module, layers: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Replace each layer named in ``layers`` by its saved class, built from its own tensors (which are
+    taken out of ``tensors``; what remains belongs to the rest of the model)."""
+    for name, info in layers.items():
+        prefix = name + "."
+        own = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix) and "." not in k[len(prefix):]}
+        set_submodule(model, name, saved_layer_class(info).from_saved(info, own))

@@ -1,0 +1,181 @@
+"""What every compression stage shares: its config base, the record it reports, the context it
+runs in, and the registry entry that says what kind of stage it is.
+
+A method module registers itself explicitly::
+
+    METHODS.register("rtn")(MethodEntry(RTNConfig, run_rtn))
+
+and a recipe stage ``{method: rtn, ...}`` is validated into ``RTNConfig`` and run by the
+:class:`~modelpress.pipeline.runner.Runner` according to the entry's :class:`StageKind`.
+These types sit at the bottom of the package: algorithms import them, never the engine.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
+
+import torch
+from pydantic import field_validator
+
+from .config import Config, Registry
+from .selectors import check_selector
+
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+    from ..calib.blocks import BlockInputs
+    from ..models.loading import LoadedModel
+
+
+class MethodConfig(Config):
+    """Fields shared by every stage: which layers it touches.
+
+    ``targets`` / ``ignore`` take names, globs, ``re:`` regexes or ``role:<role>``.
+    """
+
+    #: False for stages that wrap a layer without reading its weight (activation sparsity), which
+    #: therefore also take already-quantised layers.
+    needs_float_weights: ClassVar[bool] = True
+
+    method: str
+    targets: list[str] = ["re:.*"]
+    ignore: list[str] = ["lm_head"]
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _valid_selectors(cls, v: list[str]) -> list[str]:
+        for sel in v:
+            check_selector(sel)
+        return v
+
+
+@dataclass
+class LayerRecord:
+    """One row of the per-layer report."""
+
+    name: str
+    method: str
+    fmt: dict[str, Any] | None = None
+    shape: tuple[int, int] | None = None
+    bits_per_weight: float | None = None
+    rel_error: float | None = None  # ||W - Q||_F / ||W||_F
+    out_rel_error: float | None = None  # output reconstruction error on calibration data
+    notes: list[str] = field(default_factory=list)
+
+
+class StageKind(str, enum.Enum):
+    """How the runner drives a stage.
+
+    - ``data_free``: one call over the whole model (RTN, magnitude pruning, structured without data);
+    - ``blockwise``: one decoder block at a time on the calibration stream (GPTQ, AWQ, SparseGPT ...);
+    - ``reconstruction``: block by block, seeing both the compressed model's inputs and the float
+      reference block's outputs for the same tokens (BRECQ / OmniQuant / EfficientQAT style);
+    - ``training``: one call over the whole model with gradients, training data and the float
+      reference (distillation, QAT end to end, recovery).
+    """
+
+    DATA_FREE = "data_free"
+    BLOCKWISE = "blockwise"
+    RECONSTRUCTION = "reconstruction"
+    TRAINING = "training"
+
+
+@dataclass
+class StageContext:
+    """Everything a running stage may use, typed; the runner fills it.
+
+    Attributes:
+        calib: (n_samples, seq_len) calibration token ids, or None.
+        train: (n_samples, seq_len) training token ids (a separate source from calibration), or None.
+        reference: the frozen float reference of the original model
+            (:class:`~modelpress.pipeline.reference.FloatReference`), when the stage asked for it.
+        device, dtype: where and in which precision the stage computes.
+        grad: whether the stage runs with gradients (its entry declares it).
+        rank, world_size: this process's place in a distributed run (0 and 1 otherwise).
+        layers, warnings: the report the stage fills.
+        workdir: the run's own folder, where a resumable stage may keep checkpoints.
+        source_id: content digest of the model's source (part of checkpoint signatures).
+    """
+
+    calib: torch.Tensor | None = None
+    progress: Callable[..., Any] | None = None
+    layers: list[LayerRecord] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    workdir: str | None = None
+    source_id: str | None = None
+    offload_activations: bool = False
+    train: torch.Tensor | None = None
+    reference: Any = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    grad: bool = False
+    rank: int = 0
+    world_size: int = 1
+
+    def warn(self, msg: str) -> None:
+        if msg not in self.warnings:
+            self.warnings.append(msg)
+
+    def iterate(self, items: list, description: str):
+        """Iterate with a progress bar when one is configured."""
+        if self.progress is None:
+            return iter(items)
+        return self.progress(items, description)
+
+
+#: The name algorithms used before the runner existed; the same class.
+RunContext = StageContext
+
+
+class BlockStage(Protocol):
+    """A calibrated stage: compresses one block given its cached inputs."""
+
+    def process_block(self, lm: "LoadedModel", index: int, block: "nn.Module", prefix: str,
+                      inputs: "BlockInputs", ctx: StageContext) -> None: ...
+
+
+class ReconstructionStage(Protocol):
+    """A block-reconstruction stage: ``inputs`` is the compressed stream into the block, ``targets``
+    the float reference block's outputs for the same tokens, (n_samples, seq, hidden)."""
+
+    def process_block(self, lm: "LoadedModel", index: int, block: "nn.Module", prefix: str,
+                      inputs: "BlockInputs", ctx: StageContext, targets: torch.Tensor) -> None: ...
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """A registered method: its config class, how the runner drives it, and the transform.
+
+    ``run(lm, cfg, ctx)`` for data-free and training stages; ``block_stage(lm, cfg)`` builds the
+    per-block stage of blockwise and reconstruction stages. ``kind`` defaults to blockwise when a
+    block stage is given and to data-free otherwise.
+    """
+
+    config: type[MethodConfig]
+    run: Callable[["LoadedModel", Any, StageContext], None] | None
+    needs_calibration: bool = False
+    block_stage: Callable[["LoadedModel", Any], Any] | None = None
+    summary: str = ""
+    kind: StageKind | None = None
+    grad: bool = False  # runs with gradients (training stages)
+    needs_reference: bool = False  # reads the float reference (reconstruction stages always do)
+    needs_training_data: bool = False
+    checkpoints: bool = True  # blockwise: per-block checkpoints are valid (no change of block shapes)
+
+    def __post_init__(self) -> None:
+        if self.kind is None:
+            object.__setattr__(self, "kind", StageKind.BLOCKWISE if self.block_stage is not None else StageKind.DATA_FREE)
+        if self.kind in (StageKind.BLOCKWISE, StageKind.RECONSTRUCTION) and self.block_stage is None:
+            raise ValueError(f"a {self.kind.value} method needs a block_stage")
+        if self.kind in (StageKind.DATA_FREE, StageKind.TRAINING) and self.run is None:
+            raise ValueError(f"a {self.kind.value} method needs a run function")
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.needs_reference or self.kind == StageKind.RECONSTRUCTION
+
+
+#: The method families' packages: a module anywhere below them that registers a method is found.
+METHOD_PACKAGES = ("modelpress.quant.algos", "modelpress.sparsity")
+METHODS: Registry[MethodEntry] = Registry("method", packages=METHOD_PACKAGES)

@@ -1,0 +1,81 @@
+"""What modelpress knows about a loaded model (:class:`LoadedModel`) and the small readers every
+loader shares. A leaf module: the loaders, the saved-folder reader and the engine all import it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from ..core.errors import ModelpressError
+from .archspec import ArchSpec
+from .tokenizers import HFTokenizer, TextTokenizer
+
+
+@dataclass
+class LoadedModel:
+    """A model plus what modelpress knows about it.
+
+    Attributes:
+        module: the torch model (HF ``PreTrainedModel`` or any ``nn.Module``).
+        spec: architecture data, or None for unknown architectures (generic Linear discovery).
+        tokenizer: a :class:`TextTokenizer`, or None.
+        source: what the user passed (for reports and manifests).
+        kind: 'hf', 'gguf', 'llama2c', 'module' or 'modelpress'.
+        add_bos: whether evaluation windows start with BOS (llama2.c models were trained so).
+        manifest: the modelpress manifest when loaded from a compressed folder.
+        files: the files the model was read from (its content identity, see ``models.fingerprint``).
+        revision: the hub commit, for a model downloaded by hub id.
+    """
+
+    module: nn.Module
+    spec: ArchSpec | None
+    tokenizer: TextTokenizer | None
+    source: str
+    kind: str
+    add_bos: bool = False
+    manifest: dict[str, Any] | None = None
+    layer_formats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    lazy: Any = None  # a models.lazy.LazyBlocks when blocks load on demand (low-memory mode)
+    files: list[Path] = field(default_factory=list)
+    revision: str | None = None
+
+    @property
+    def max_length(self) -> int | None:
+        cfg = getattr(self.module, "config", None)
+        return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+
+def hf_auto_class(config: Any) -> Any:
+    import transformers
+
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+        return transformers.AutoModelForCausalLM
+    if getattr(config, "is_decoder", False) or config.model_type in ("llama", "gpt2", "opt", "mistral", "qwen2"):
+        return transformers.AutoModelForCausalLM
+    return transformers.AutoModel
+
+
+def model_files(folder: Path) -> list[Path]:
+    """The files of a local model folder that define it (weights, configs, tokenizer), sorted."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def try_tokenizer(where: str, **kw: Any) -> TextTokenizer | None:
+    import transformers
+
+    try:
+        return HFTokenizer(transformers.AutoTokenizer.from_pretrained(where, **kw))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelpressError(f"cannot read {path}: {e}") from e
