@@ -21,11 +21,11 @@ from .core.errors import ModelpressError
 from .core.progress import track
 from .data.sources import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, read_text
 from .eval.perplexity import perplexity
-from .eval.size import count_params, disk_bytes, memory_bytes, peak_rss_bytes
+from .eval.size import count_params, disk_bytes, memory_bytes
 from .models.loading import LoadedModel, load_model
 from .core.method import METHODS, MethodConfig, RunContext
 from .pipeline.recipe import Recipe, load_recipe
-from .pipeline.workdir import RunFolder
+from .models.selection import check_model_finite
 
 
 def load(model: str | Path | nn.Module | LoadedModel, *, low_memory: bool = False, **kw: Any) -> LoadedModel:
@@ -81,112 +81,37 @@ def needs_calibration(recipe: str | Path | Recipe | MethodConfig | dict) -> bool
 
 def apply(lm: LoadedModel, recipe: str | Path | Recipe | MethodConfig | dict, *,
           calib: torch.Tensor | Calibration | None = None, progress: bool = True, workdir: str | Path | None = None,
-          offload_activations: bool = False, remove_workdir_if_empty: bool = False) -> RunContext:
-    """Apply every stage of ``recipe`` to ``lm`` in place; returns the filled run context.
+          offload_activations: bool = False, remove_workdir_if_empty: bool = False,
+          train: torch.Tensor | None = None) -> RunContext:
+    """Apply every stage of ``recipe`` to ``lm`` in place; returns the filled stage context.
 
     ``workdir`` enables per-block checkpoints (a rerun resumes): the run works in its own
     subfolder there and removes only that (see :mod:`modelpress.pipeline.workdir`);
     ``offload_activations`` keeps the calibration activations in a memory-mapped file there.
     """
-    rec = as_recipe(recipe)
-    cal = calib if isinstance(calib, Calibration) or calib is None else Calibration.from_ids(calib)
-    check_compressible(lm, rec)
-    folder = RunFolder(workdir, remove_parent_if_empty=remove_workdir_if_empty) if workdir else None
-    ctx = RunContext(calib=cal.ids if cal else None, progress=track if progress else None,
-                     workdir=str(folder.open()) if folder else None, offload_activations=offload_activations)
-    if folder is not None:
-        from .models.fingerprint import source_digest
-
-        ctx.source_id = source_digest(lm)  # by content: a replaced file at the same path is another job
-    for group in _stage_groups(rec):
-        entry = METHODS.get(group[0].method)
-        if entry.needs_calibration and cal is None:
-            raise ModelpressError(f"method {group[0].method!r} needs calibration data: pass --calib FILE")
-        with torch.no_grad():
-            if entry.block_stage is None:
-                if lm.lazy is not None:
-                    ctx.warn(f"{group[0].method} is not block-wise: all blocks were loaded into memory for it")
-                    lm.lazy.ensure_all()
-                entry.run(lm, group[0], ctx)
-            else:
-                _run_calibrated(lm, rec, group, ctx)
-    if folder is not None:
-        if lm.lazy is not None and lm.lazy.workdir is not None:
-            lm.lazy.run_folder = folder  # the saver streams the offloaded blocks from it, then closes it
-        else:
-            folder.close()
-    return ctx
-
-
-def check_finite(lm: LoadedModel) -> None:
-    """Refuse a model holding NaN/Inf anywhere (weights, norms, embeddings, scales), naming the tensor.
-
-    One such value poisons every scale computed from it and every activation after it; the result
-    would be reported as ``nan -> nan`` instead of failing.
-    """
-    seen: set[tuple[int, int]] = set()
-    for name, t in lm.module.state_dict().items():
-        if t.is_meta or not t.is_floating_point() or t.numel() == 0:
-            continue
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if key in seen:
-            continue
-        seen.add(key)
-        bad = ~torch.isfinite(t)
-        if bad.any():
-            n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-            raise ModelpressError(f"{lm.source}: tensor {name} holds {n_nan} NaN and {n_inf} Inf value(s); "
-                                  "refusing to use a model with non-finite weights")
-
-
-def check_compressible(lm: LoadedModel, rec: Recipe) -> None:
-    """Refuse, before any work, a model that cannot be compressed as asked (non-finite values, an empty recipe)."""
-    if not rec.stages:
-        raise ModelpressError(f"recipe {rec.name!r} has no stages: nothing would be compressed")
-    check_finite(lm)
-
-
-def _stage_groups(rec: Recipe) -> list[list[MethodConfig]]:
-    """Consecutive calibrated stages share one sequential pass (AWQ then GPTQ on each block)."""
-    groups: list[list[MethodConfig]] = []
-    for st in rec.stages:
-        block = METHODS.get(st.method).block_stage is not None
-        if block and groups and METHODS.get(groups[-1][0].method).block_stage is not None:
-            groups[-1].append(st)
-        else:
-            groups.append([st])
-    return groups
-
-
-def _run_calibrated(lm: LoadedModel, rec: Recipe, group: list[MethodConfig], ctx: RunContext) -> None:
-    from .pipeline.sequential import run_sequential
-
-    stages = [(METHODS.get(st.method).block_stage(lm, st), st.method) for st in group]
-    sig = {"source": ctx.source_id, "recipe": rec.to_dict(), "stages": [st.to_dict() for st in group]}
-    before = lm.lazy.ensure if lm.lazy is not None else None
-    run_sequential(lm, stages, ctx, signature=sig, before_block=before)
+    return _runner(lm, recipe, calib, train, progress, workdir, offload_activations, remove_workdir_if_empty).apply()
 
 
 def compress(lm: LoadedModel, recipe: Any, *, calib: torch.Tensor | Calibration | None = None, progress: bool = True,
              workdir: str | Path | None = None, offload_activations: bool = False,
-             remove_workdir_if_empty: bool = False) -> dict[str, Any]:
-    """Apply ``recipe`` and return the report (per-layer formats and errors, timings, memory,
-    and the calibration data's provenance)."""
-    rec = as_recipe(recipe)
+             remove_workdir_if_empty: bool = False, train: torch.Tensor | None = None,
+             eval_data: str | Path | None = None, eval_seq_len: int | None = None, eval_max_tokens: int | None = None,
+             eval_stride: int | None = None, eval_join_lines: bool | None = None) -> dict[str, Any]:
+    """Apply ``recipe`` and return the report: per-stage timings, per-layer formats and errors,
+    memory, the calibration data's provenance and, with ``eval_data``, perplexity before and after."""
+    from .pipeline.runner import EvalSpec
+
+    ev = EvalSpec(str(eval_data), eval_seq_len, eval_max_tokens, eval_stride, eval_join_lines) if eval_data else None
+    return _runner(lm, recipe, calib, train, progress, workdir, offload_activations, remove_workdir_if_empty, ev).run()
+
+
+def _runner(lm: LoadedModel, recipe: Any, calib: Any, train: Any, progress: bool, workdir: Any, offload: bool,
+            remove_workdir: bool, evaluation: Any = None) -> Any:
+    from .pipeline.runner import Runner
+
     cal = calib if isinstance(calib, Calibration) or calib is None else Calibration.from_ids(calib)
-    t0, c0 = time.perf_counter(), time.process_time()
-    ctx = apply(lm, rec, calib=cal, progress=progress, workdir=workdir, offload_activations=offload_activations,
-                remove_workdir_if_empty=remove_workdir_if_empty)
-    layers = [vars(r) for r in ctx.layers]
-    bits = [r["bits_per_weight"] for r in layers if r.get("bits_per_weight")]
-    return {
-        "model": lm.source, "recipe": rec.to_dict(), "calibration": cal.info if cal else None,
-        "layers": layers, "warnings": ctx.warnings,
-        "compress_s": time.perf_counter() - t0, "n_quantized": len(bits),
-        "compress_cpu_s": time.process_time() - c0,  # all threads; robust to a busy machine, unlike wall time
-        "mean_bits_per_weight": sum(bits) / len(bits) if bits else None, "peak_rss_bytes": peak_rss_bytes(),
-        "params": count_params(lm.module), "memory_bytes": memory_bytes(lm.module),
-    }
+    return Runner(lm, as_recipe(recipe), calib=cal, train=train, workdir=workdir, remove_workdir_if_empty=remove_workdir,
+                  offload_activations=offload, progress=progress, evaluation=evaluation, evaluate=evaluate)
 
 
 def evaluate(lm: LoadedModel, data: str | Path = DEFAULT_EVALUATION, *, seq_len: int | None = None,
@@ -205,7 +130,7 @@ def evaluate(lm: LoadedModel, data: str | Path = DEFAULT_EVALUATION, *, seq_len:
     seq_len = seq_len or min(2048, lm.max_length or 2048)
     if lm.max_length and seq_len > lm.max_length:
         raise ModelpressError(f"--seq-len {seq_len} exceeds the model's maximum length {lm.max_length}")
-    check_finite(lm)
+    check_model_finite(lm)
     t0 = time.perf_counter()
     ids = lm.tokenizer.encode(read_text(data, join_lines))
     if max_tokens is not None:

@@ -74,6 +74,14 @@ class BlockInputs:
                 h.remove()
         return SubInputs(calls) if record is not None and len(calls) == n_batches else None
 
+    def outputs(self, block: nn.Module) -> torch.Tensor:
+        """``block``'s outputs for every cached sample, (n_samples, seq, hidden); the cache is unchanged."""
+        out = torch.empty_like(self.hidden)
+        for s in range(0, self.hidden.shape[0], self.batch_size):
+            y = block(self.hidden[s:s + self.batch_size], **self.kwargs)
+            out[s:s + self.batch_size] = y[0] if isinstance(y, tuple) else y
+        return out
+
     def propagate(self, block: nn.Module) -> None:
         """Replace the cached inputs by ``block``'s outputs (inputs of the next block)."""
         for s in range(0, self.hidden.shape[0], self.batch_size):

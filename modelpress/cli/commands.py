@@ -34,7 +34,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .. import api
     from ..core.outputs import check_replaceable
     from ..data.sources import DEFAULT_CALIBRATION, check_source
-    from ..eval.report import comparison
 
     out = Path(args.output)
     workdir = Path(args.workdir) if args.workdir else Path(f"{out}.work")
@@ -53,15 +52,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - t0
     calib = api.calibration_for(lm, calib_spec, args.calib_samples, args.calib_seq_len, args.calib_seed,
                                 args.calib_chat) if calib_spec else None
-    base = api.evaluate(lm, args.eval_data, **_eval_kwargs(args, "eval_")) if args.eval_data else None
+    ev = {f"eval_{k}": v for k, v in _eval_kwargs(args, "eval_").items()}
     report = api.compress(lm, recipe, calib=calib, workdir=workdir, remove_workdir_if_empty=args.workdir is None,
-                          offload_activations=args.offload_activations or args.low_memory)
+                          offload_activations=args.offload_activations or args.low_memory,
+                          eval_data=args.eval_data, **ev)
     report["load_s"] = load_s
     if calib_spec and not args.calib:
         report["warnings"].insert(0, f"calibrated on {calib_spec}, the text shipped with modelpress; pass --calib for your own data")
-    if args.eval_data:
-        comp = api.evaluate(lm, args.eval_data, **_eval_kwargs(args, "eval_"))
-        report["eval"] = comparison(base, comp)
     path = api.save(lm, out, recipe=recipe, report=report, overwrite=args.overwrite)
     report = json.loads((path / "report.json").read_text())  # with the saved files' size on disk
     _print_layers(report["layers"])

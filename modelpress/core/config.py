@@ -76,6 +76,10 @@ class Registry(Generic[T]):
 
         return deco
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (tests that register a throw-away extension clean up with this)."""
+        self._items.pop(name, None)
+
     def get(self, name: str) -> T:
         """Look up ``name``; an unknown name is a user error listing what exists."""
         if name not in self._items:

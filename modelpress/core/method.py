@@ -112,6 +112,8 @@ class StageContext:
     grad: bool = False
     rank: int = 0
     world_size: int = 1
+    #: the runner's block pass, for a stage that drives its own (``run_blocks([stage], checkpoints=False)``)
+    run_blocks: Callable[..., None] | None = None
 
     def warn(self, msg: str) -> None:
         if msg not in self.warnings:

@@ -41,3 +41,23 @@ def layer_weight(name: str, module: torch.nn.Module) -> torch.Tensor:
     w = linear_weight(module).detach().to(torch.float32, copy=True)
     check_finite(name, w)
     return w
+
+
+def check_model_finite(lm: LoadedModel) -> None:
+    """Refuse a model holding NaN/Inf anywhere (weights, norms, embeddings, scales), naming the tensor.
+
+    One such value poisons every scale computed from it and every activation after it; the result
+    would be reported as ``nan -> nan`` instead of failing.
+    """
+    seen: set[tuple[int, int]] = set()
+    for name, t in lm.module.state_dict().items():
+        if t.is_meta or not t.is_floating_point() or t.numel() == 0:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key in seen:
+            continue
+        seen.add(key)
+        if not torch.isfinite(t).all():
+            n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            raise ModelpressError(f"{lm.source}: tensor {name} holds {n_nan} NaN and {n_inf} Inf value(s); "
+                                  "refusing to use a model with non-finite weights")

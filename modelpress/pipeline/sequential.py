@@ -71,7 +71,8 @@ class Checkpointer:
             for p in self.dir.glob(pattern):
                 p.unlink()
 
-    def save(self, next_block: int, lm: LoadedModel, prefix: str, inputs: BlockInputs, ctx: RunContext) -> None:
+    def save(self, next_block: int, lm: LoadedModel, prefix: str, inputs: BlockInputs, ctx: RunContext,
+             floats: BlockInputs | None = None) -> None:
         if self.dir is None:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -79,7 +80,10 @@ class Checkpointer:
         sd = {k: v.contiguous() for k, v in blk.state_dict().items()}
         save_safetensors(sd, str(self.dir / f"block{next_block - 1}.safetensors.tmp"))
         os.replace(self.dir / f"block{next_block - 1}.safetensors.tmp", self.dir / f"block{next_block - 1}.safetensors")
-        save_safetensors({"hidden": inputs.hidden.contiguous()}, str(self.dir / "inputs.safetensors.tmp"))
+        streams = {"hidden": inputs.hidden.contiguous()}
+        if floats is not None:
+            streams["float_hidden"] = floats.hidden.contiguous()
+        save_safetensors(streams, str(self.dir / "inputs.safetensors.tmp"))
         os.replace(self.dir / "inputs.safetensors.tmp", self.dir / "inputs.safetensors")
         self.formats[str(next_block - 1)] = layer_formats(blk)
         state = {"signature": self.signature, "next_block": next_block, "layers": [vars(r) for r in ctx.layers],
@@ -92,7 +96,8 @@ class Checkpointer:
         """Per-layer formats (block-relative names) recorded for block ``i``."""
         return self.formats.get(str(i), {})
 
-    def restore(self, upto: int, lm: LoadedModel, prefix: str, inputs: BlockInputs, ctx: RunContext) -> None:
+    def restore(self, upto: int, lm: LoadedModel, prefix: str, inputs: BlockInputs, ctx: RunContext,
+                floats: BlockInputs | None = None) -> None:
         """Rebuild blocks [0, upto) from their checkpoints and load the cached inputs of block ``upto``."""
         state = json.loads(self._state_path().read_text())
         self.formats = state.get("formats", {})
@@ -104,7 +109,10 @@ class Checkpointer:
             tensors = read_safetensors(self.dir / f"block{i}.safetensors")
             install_packed_layers(blk, state["formats"].get(str(i), {}), tensors)
             blk.load_state_dict(tensors, strict=False)
-        inputs.hidden.copy_(read_safetensors(self.dir / "inputs.safetensors")["hidden"])
+        streams = read_safetensors(self.dir / "inputs.safetensors")
+        inputs.hidden.copy_(streams["hidden"])
+        if floats is not None:
+            floats.hidden.copy_(streams["float_hidden"])
         ctx.layers[:] = [LayerRecord(**{**r, "shape": tuple(r["shape"]) if r.get("shape") else None}) for r in state["layers"]]
         ctx.warnings[:] = state["warnings"]
 
@@ -133,12 +141,23 @@ def tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def run_sequential(lm: LoadedModel, stages: list[tuple[BlockStage, str]], ctx: RunContext,
+def run_sequential(lm: LoadedModel, stages: list[tuple[BlockStage, str] | tuple[Any, str, bool]], ctx: RunContext,
                    *, offload: str | None = None, signature: dict[str, Any] | None = None,
-                   before_block: Callable[[int], None] | None = None) -> None:
-    """Run every stage on each block in turn (see module docstring)."""
+                   before_block: Callable[[int], None] | None = None, checkpoints: bool = True,
+                   reference: Any = None, float_inputs: BlockInputs | None = None) -> None:
+    """Run every stage on each block in turn (see module docstring).
+
+    ``stages``: (stage, name) or (stage, name, wants_targets). A stage that wants targets (block
+    reconstruction) also receives the float reference block's outputs for the same tokens, computed
+    on the float stream (``float_inputs``, captured before any stage changed the model), which the
+    pass propagates through the reference's float blocks beside the compressed stream.
+    """
     if ctx.calib is None:
         raise ModelpressError("calibrated methods need calibration data (--calib FILE)")
+    stages3 = [(s[0], s[1], bool(s[2]) if len(s) > 2 else False) for s in stages]
+    wants_targets = any(t for _, _, t in stages3)
+    if wants_targets and (reference is None or float_inputs is None):
+        raise ModelpressError(f"stage {next(n for _, n, t in stages3 if t)!r} needs the float reference and calibration data")
     prefix = blocks_path(lm.module, lm.spec) if lm.spec else None
     if offload is None and ctx.offload_activations:
         if ctx.workdir is None:
@@ -147,23 +166,43 @@ def run_sequential(lm: LoadedModel, stages: list[tuple[BlockStage, str]], ctx: R
         offload = str(Path(ctx.workdir) / "activations.bin")
     inputs = capture_first_block_inputs(lm, ctx.calib, offload)
     blocks = get_blocks(lm.module, lm.spec)
-    ck = Checkpointer(ctx.workdir, {**(signature or {}), "n_blocks": len(blocks), "calib_shape": list(ctx.calib.shape),
-                                    "calib_sha256": tensor_digest(ctx.calib), "code": code_fingerprint()})
+    ck = Checkpointer(ctx.workdir if checkpoints else None,
+                      {**(signature or {}), "n_blocks": len(blocks), "calib_shape": list(ctx.calib.shape),
+                       "calib_sha256": tensor_digest(ctx.calib), "code": code_fingerprint()})
+    floats = float_inputs if wants_targets else None
     start = ck.resume_point()
     if start:
-        ck.restore(start, lm, prefix, inputs, ctx)
+        ck.restore(start, lm, prefix, inputs, ctx, floats)
         ctx.warn(f"resumed from checkpoint after block {start - 1} in {ck.dir}")
     for i in ctx.iterate(list(range(start, len(blocks))), "blocks"):
         if before_block is not None:
             before_block(i)
+        targets = floats.outputs(reference.block(i)) if floats is not None else None  # (n, seq, hidden)
         with cached_dequant():
-            for stage, _name in stages:
-                stage.process_block(lm, i, blocks[i], f"{prefix}.{i}", inputs, ctx)
+            for stage, _name, want in stages3:
+                if want:
+                    stage.process_block(lm, i, blocks[i], f"{prefix}.{i}", inputs, ctx, targets)
+                else:
+                    stage.process_block(lm, i, blocks[i], f"{prefix}.{i}", inputs, ctx)
             inputs.propagate(blocks[i])
-        ck.save(i + 1, lm, prefix, inputs, ctx)
+        if floats is not None:
+            floats.hidden.copy_(targets)  # the float stream moves on through the float block
+        ck.save(i + 1, lm, prefix, inputs, ctx, floats)
         if lm.lazy is not None and ck.dir is not None:  # low memory: the checkpoint holds the block now
             lm.lazy.offload(i, ck.dir / f"block{i}.safetensors", ck.block_formats(i))
     if lm.lazy is not None and ck.dir is not None:
         lm.lazy.workdir = ck.dir  # the saver streams the blocks from here, then removes it
     else:
         ck.finish()
+
+
+def run_without_inputs(lm: LoadedModel, stages: list[tuple[Any, str, bool]], ctx: RunContext,
+                       *, before_block: Callable[[int], None] | None = None) -> None:
+    """Visit each block with stages that need no calibration data (``inputs`` is None)."""
+    prefix = blocks_path(lm.module, lm.spec) if lm.spec else None
+    blocks = get_blocks(lm.module, lm.spec) if lm.spec else []
+    for i in ctx.iterate(list(range(len(blocks))), "blocks"):
+        if before_block is not None:
+            before_block(i)
+        for stage, _name, _ in stages:
+            stage.process_block(lm, i, blocks[i], f"{prefix}.{i}", None, ctx)

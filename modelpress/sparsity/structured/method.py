@@ -15,8 +15,6 @@ for all layers); which heads and neurons go is chosen per layer.
 """
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -30,7 +28,6 @@ from ...models.archspec import blocks_path, get_blocks, get_submodule
 from ...models.loading import LoadedModel
 from ...core.method import METHODS, LayerRecord, MethodConfig, MethodEntry, RunContext
 from ...calib.blocks import BlockInputs
-from ...pipeline.sequential import run_sequential
 from ..patterns import Structured
 from .scores import (BlockInfluence, GQAMode, Score, count_to_remove, heads_to_remove, lowest, neuron_scores,
                      random_scores, refit_columns, unit_scores)
@@ -68,11 +65,25 @@ class StructuredConfig(MethodConfig):
 class StructuredStage:
     """Per-block scoring and surgery on the sequential engine (or without data for weight/random scores)."""
 
+    name = "structured"
+
     def __init__(self, cfg: StructuredConfig, layout: HeadLayout | None, inter: int | None) -> None:
         self.cfg, self.layout, self.inter = cfg, layout, inter
         self.new_layout: HeadLayout | None = None
         self.new_inter: int | None = None
         self.influence: dict[int, float] = {}
+
+    @property
+    def needs_inputs(self) -> bool:
+        """Scores from weights (or random ones) and no refit: the blocks are visited without data."""
+        return self.cfg.needs_data()
+
+    def finish(self, lm: LoadedModel, ctx: RunContext) -> None:
+        """After every block: write the new sizes into the config, then drop whole layers."""
+        set_sizes(lm.module, lm.spec, heads=self.new_layout, intermediate=self.new_inter)
+        if self.cfg.layers:
+            prefix = blocks_path(lm.module, lm.spec)
+            _drop_layers(lm, self.cfg, self, len(get_blocks(lm.module, lm.spec)), prefix, ctx)
 
     def process_block(self, lm: LoadedModel, index: int, block: nn.Module, prefix: str,
                       inputs: BlockInputs | None, ctx: RunContext) -> None:
@@ -177,16 +188,11 @@ def run_structured(lm: LoadedModel, cfg: StructuredConfig, ctx: RunContext) -> N
         if ctx.calib is None:
             why = "the refit" if cfg.reconstruct and cfg.score != "activation" else f"score {cfg.score!r}"
             raise ModelpressError(f"structured with {why} needs calibration data (--calib FILE)")
-        offload = str(Path(ctx.workdir) / "activations.bin") if ctx.offload_activations and ctx.workdir else None
         if ctx.workdir:
             ctx.warn("structured pruning changes block shapes, so it keeps no per-block checkpoints")
-        run_sequential(lm, [(stage, "structured")], dataclasses.replace(ctx, workdir=None), offload=offload)
-    else:
-        for i in ctx.iterate(list(range(len(blocks))), "blocks"):
-            stage.process_block(lm, i, blocks[i], f"{prefix}.{i}", None, ctx)
-    set_sizes(lm.module, lm.spec, heads=stage.new_layout, intermediate=stage.new_inter)
-    if cfg.layers:
-        _drop_layers(lm, cfg, stage, len(blocks), prefix, ctx)
+    ctx.run_blocks([stage], checkpoints=False)  # the runner's pass; then stage.finish resizes the config
+
+
 
 
 def _plan(lm: LoadedModel, cfg: StructuredConfig, blocks: list[nn.Module], prefix: str,
