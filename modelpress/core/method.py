@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
 
 import torch
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 
 from .config import Config, Registry
 from .selectors import check_selector
@@ -37,6 +37,9 @@ class MethodConfig(Config):
     #: False for stages that wrap a layer without reading its weight (activation sparsity), which
     #: therefore also take already-quantised layers.
     needs_float_weights: ClassVar[bool] = True
+    #: Capabilities (attribute names of the weight format, e.g. ``exact_zero``) the stage's
+    #: ``format`` must have: a format without them is refused when the recipe is loaded.
+    format_needs: ClassVar[tuple[str, ...]] = ()
 
     method: str
     targets: list[str] = ["re:.*"]
@@ -48,6 +51,15 @@ class MethodConfig(Config):
         for sel in v:
             check_selector(sel)
         return v
+
+    @model_validator(mode="after")
+    def _format_has_what_the_method_needs(self) -> "MethodConfig":
+        fmt = getattr(self, "format", None)
+        for cap in self.format_needs if fmt is not None else ():
+            if not getattr(fmt, cap, False):
+                raise ValueError(f"method {self.method!r} cannot use format {fmt.to_dict()}: it needs a format with "
+                                 f"{cap.replace('_', ' ')}")
+        return self
 
 
 @dataclass

@@ -59,6 +59,7 @@ class SparseLayer(nn.Module):
         self.kind, self.conv = kind, conv
         self.pattern = pattern if pattern is not None else Unstructured()
         mask = mask.to(device=weight.device, dtype=torch.bool)
+        self._check_pattern(mask)
         self.weight = nn.Parameter(weight.detach().masked_fill(~mask, 0))  # pruned entries: exactly +0.0
         self.register_buffer("mask", mask, persistent=False)  # saved packed, by _save_to_state_dict
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
@@ -100,8 +101,17 @@ class SparseLayer(nn.Module):
         """Replace the mask (weight-shaped bool) and zero the newly pruned weights."""
         if mask.shape != self.weight.shape:
             raise ModelpressError(f"mask shape {tuple(mask.shape)} does not match weight {tuple(self.weight.shape)}")
-        self.mask = mask.to(device=self.weight.device, dtype=torch.bool)
+        mask = mask.to(device=self.weight.device, dtype=torch.bool)
+        self._check_pattern(mask)
+        self.mask = mask
         self.weight.masked_fill_(~self.mask, 0)
+
+    def _check_pattern(self, keep: torch.Tensor) -> None:
+        """A mask that breaks the layer's declared pattern is refused: a 2:4 layer that is not 2:4
+        would be exported and accelerated as if it were."""
+        why = self.pattern.violation(keep)
+        if why is not None:
+            raise ModelpressError(f"mask breaks the layer's {self.pattern.label} pattern: {why}")
 
     @torch.no_grad()
     def update(self, scores: torch.Tensor, sparsity: float | None, *, monotone: bool = True,

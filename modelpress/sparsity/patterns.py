@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
+import torch
 from pydantic import BeforeValidator, Field, SerializeAsAny, model_validator
 
 from ..core.config import Config, Registry, tagged
@@ -41,6 +42,15 @@ class SparsityPattern(Config):
 
     def check_shape(self, shape: tuple[int, ...], layer: str) -> None:
         """Raise a one-line :class:`ModelpressError` naming ``layer`` if the pattern cannot tile ``shape``."""
+
+    def violation(self, keep: torch.Tensor) -> str | None:
+        """Why the keep-mask ``keep`` (weight-shaped bool) breaks this pattern, or None when it holds."""
+        return None
+
+    @property
+    def label(self) -> str:
+        """Short name for messages: ``2:4``, ``16x16``, ``unstructured``."""
+        return self.type
 
 
 @PATTERNS.register("unstructured")
@@ -75,6 +85,21 @@ class NM(SparsityPattern):
     def fixed_sparsity(self) -> float:
         return 1.0 - self.n / self.m
 
+    @property
+    def label(self) -> str:
+        return f"{self.n}:{self.m}"
+
+    def violation(self, keep: torch.Tensor) -> str | None:
+        cols = _cols(tuple(keep.shape))
+        if cols % self.m:
+            return f"width {cols} is not a multiple of {self.m}"
+        per_group = keep.reshape(keep.shape[0], cols // self.m, self.m).sum(-1)  # (out, groups)
+        worst = int(per_group.max()) if per_group.numel() else 0
+        if worst > self.n:
+            bad = int((per_group > self.n).sum())
+            return f"{bad} group(s) of {self.m} keep more than {self.n} weights (up to {worst})"
+        return None
+
     def check_shape(self, shape: tuple[int, ...], layer: str) -> None:
         cols = _cols(shape)
         if cols % self.m:
@@ -98,6 +123,18 @@ class Block(SparsityPattern):
         if cols is not None:
             data["cols"] = cols
         super().__init__(**data)
+
+    @property
+    def label(self) -> str:
+        return f"{self.rows}x{self.cols}"
+
+    def violation(self, keep: torch.Tensor) -> str | None:
+        out, cols = keep.shape[0], _cols(tuple(keep.shape))
+        if out % self.rows or cols % self.cols:
+            return f"the {out}x{cols} weight is not tiled by {self.rows}x{self.cols} blocks"
+        tiles = keep.reshape(out // self.rows, self.rows, cols // self.cols, self.cols).sum((1, 3))
+        mixed = int(((tiles > 0) & (tiles < self.rows * self.cols)).sum())
+        return f"{mixed} block(s) are partly kept" if mixed else None
 
     def check_shape(self, shape: tuple[int, ...], layer: str) -> None:
         out, cols = shape[0], _cols(shape)

@@ -7,9 +7,21 @@ A format is a frozen config with three elementwise operations on a *grouped* vie
 * ``encode(w, p)``-> uint8 codes in [0, 2**code_bits), same shape as ``w``
 * ``decode(c, p)``-> float values
 
-Algorithms (RTN, GPTQ, AWQ ...) only ever use these three plus ``store_params`` /
-``load_params`` (which round the parameters to what is really stored, e.g. fp16 scales or
-double-quantised NF4 absmax), so a new format works with every algorithm.
+Parameters are stored once, structurally. Some span the whole tensor (NVFP4's global scale,
+the offset and second-level scales of double-quantised NF4): a format fits those once, up front,
+with ``fit_tensor``, and every per-group fit after that (``fit_groups``, called by GPTQ as its
+column loop reaches a group) rounds against them, so what is stored is exactly what the algorithm
+optimised. :class:`FitPlan` carries that pair through an algorithm::
+
+    plan = fmt.plan(fmt.grouped(W))          # tensor-wide parameters, once
+    p = plan.fit(W_group, first_group=g)     # (rows, k, 1), already at stored precision
+    stored = plan.store(all_params)          # what the file holds
+
+Capabilities are attributes, not tests on ``type``: ``row_wise`` (rows can be split and stacked),
+``tensor_wide`` (some parameter spans the tensor), ``scale_linear`` (the dequantised value is
+linear in the ``scale`` parameter, what a learnable step size needs), and every format offers
+``fake_quantize_ste`` (rounding with a straight-through gradient).
+Algorithms (RTN, GPTQ, AWQ ...) only use this contract, so a new format works with every algorithm.
 """
 from __future__ import annotations
 
@@ -35,8 +47,27 @@ class WeightFormat(Config, ABC):
 
     #: Bits of one packed code (4 for int4/NF4/FP4, 8 for int8/FP8 ...).
     code_bits: ClassVar[int]
+    #: The dequantised value is ``scale * f(code, other params)``: a learnable step size (LSQ) and
+    #: scale folding act on ``params["scale"]`` linearly.
+    scale_linear: ClassVar[bool] = True
 
     granularity: Granularity = PerChannel()
+
+    # ---- capabilities --------------------------------------------------------------------------
+    @property
+    def tensor_wide(self) -> bool:
+        """Some parameter spans the whole tensor (fitted once by ``fit_tensor``)."""
+        return False
+
+    @property
+    def exact_zero(self) -> bool:
+        """Zero is a representable value (joint pruning + quantisation stores pruned weights as 0)."""
+        return True
+
+    @property
+    def row_wise(self) -> bool:
+        """Every parameter belongs to one row, so rows can be split or stacked (GPTQ stacks q/k/v)."""
+        return not self.tensor_wide and not isinstance(self.granularity, PerTensor)
 
     # ---- the three elementwise operations -------------------------------------------------
     @abstractmethod
@@ -50,6 +81,28 @@ class WeightFormat(Config, ABC):
     @abstractmethod
     def decode(self, codes: torch.Tensor, params: Params) -> torch.Tensor:
         """Float32 values of ``codes`` under ``params``."""
+
+    # ---- tensor-wide parameters, then groups --------------------------------------------------
+    def fit_tensor(self, w: torch.Tensor) -> Params:
+        """Parameters spanning the whole grouped weight ``w`` (rows, n_groups, G), fitted once
+        before any per-group work; stored as they are. Default: none."""
+        return {}
+
+    def fit_groups(self, w: torch.Tensor, tensor: Params, first_group: int = 0) -> Params:
+        """Parameters of the groups ``w`` (rows, k, G) (groups ``first_group ..`` of the tensor),
+        fitted under the tensor-wide ``tensor`` and rounded to exactly what will be stored.
+
+        Default, for formats without tensor-wide parameters: ``fit`` then the stored rounding."""
+        return self.roundtrip_params(self.fit(w))
+
+    def store(self, params: Params, tensor: Params) -> Params:
+        """What the file holds for compute parameters ``params`` (rows, n_groups, 1) fitted by
+        ``fit_groups`` under ``tensor``. Default: ``store_params`` (no tensor-wide parameters)."""
+        return self.store_params(params)
+
+    def plan(self, w: torch.Tensor) -> "FitPlan":
+        """A :class:`FitPlan` for the grouped weight ``w`` (rows, n_groups, G)."""
+        return FitPlan(self, self.fit_tensor(w))
 
     # ---- parameter storage -----------------------------------------------------------------
     def store_params(self, params: Params) -> Params:
@@ -99,9 +152,11 @@ class WeightFormat(Config, ABC):
             raise ModelpressError(f"{self.type} expects a 2-D weight, got shape {tuple(w.shape)}")
         wf = w.detach().to(torch.float32)
         wg = self.grouped(wf)
-        # Store once and encode with exactly what was stored: storing the rounded params a second
-        # time is not a no-op for every format (see ``roundtrip_params``).
-        stored = self.store_params(params if params is not None else self.fit(wg))
+        if params is None:  # tensor-wide parameters first, then every group under them
+            plan = self.plan(wg)
+            stored = plan.store(plan.fit(wg))
+        else:  # parameters the caller fitted (e.g. HQQ's optimised zero points)
+            stored = self.store_params(params)
         codes = self.encode(wg, self.load_params(stored))
         codes = codes.reshape(codes.shape[0], -1) if not isinstance(self.granularity, PerTensor) \
             else codes.reshape(w.shape[0], -1)
@@ -111,6 +166,19 @@ class WeightFormat(Config, ABC):
     def fake_quantize(self, w: torch.Tensor) -> torch.Tensor:
         """Quantise then dequantise (same dtype as ``w``)."""
         return self.quantize(w).dequantize().to(w.dtype)
+
+    def fake_quantize_ste(self, w: torch.Tensor, params: Params | None = None) -> torch.Tensor:
+        """Quantise-dequantise in the forward pass, identity in the backward pass (straight-through
+        estimator), for quantisation-aware training; ``params`` (compute form, (rows, n_groups, 1))
+        are fitted when not given."""
+        wg = self.grouped(w.float())
+        if params is None:
+            plan = self.plan(wg.detach())
+            params = plan.fit(wg.detach())
+        q = self.decode(self.encode(wg.detach(), params), params)
+        q = q.reshape(q.shape[0], -1) if not isinstance(self.granularity, PerTensor) else q.reshape(w.shape[0], -1)
+        q = q[:, : w.shape[1]].to(w.dtype)
+        return w + (q - w).detach()
 
     @property
     def type_tag(self) -> str:
@@ -178,6 +246,31 @@ class QTensor:
         return 8.0 * self.nbytes() / (self.shape[0] * self.shape[1])
 
 
+@dataclass
+class FitPlan:
+    """Tensor-wide parameters fitted once, and the per-group fits and storage that use them.
+
+    Example:
+        >>> from modelpress.quant.formats.nf4 import NF4Format
+        >>> fmt, W = NF4Format(granularity=PerGroup(size=64)), torch.randn(8, 256)
+        >>> plan = fmt.plan(fmt.grouped(W))
+        >>> p = {"absmax": torch.cat([plan.fit(fmt.grouped(W)[:, g:g + 1], first_group=g)["absmax"] for g in range(4)], 1)}
+        >>> torch.equal(fmt.load_params(plan.store(p))["absmax"], p["absmax"])  # stored == used
+        True
+    """
+
+    fmt: "WeightFormat"
+    tensor: Params
+
+    def fit(self, w: torch.Tensor, first_group: int = 0) -> Params:
+        """Compute parameters of the groups ``w`` (rows, k, G), at stored precision."""
+        return self.fmt.fit_groups(w, self.tensor, first_group)
+
+    def store(self, params: Params) -> Params:
+        """The stored tensors for all groups' compute parameters (rows, n_groups, 1)."""
+        return self.fmt.store(params, self.tensor)
+
+
 def format_from_dict(data: dict[str, Any]) -> WeightFormat:
     """Build a registered format from ``{"type": ..., ...}``."""
     cls = FORMATS.get(str(data.get("type")))
@@ -185,5 +278,5 @@ def format_from_dict(data: dict[str, Any]) -> WeightFormat:
 
 
 def row_wise(fmt: WeightFormat) -> bool:
-    """Every parameter of ``fmt`` belongs to one row (no tensor-wide scale), so rows can be split or stacked."""
-    return fmt.type == "int" and not isinstance(fmt.granularity, PerTensor)
+    """Every parameter of ``fmt`` belongs to one row (see :attr:`WeightFormat.row_wise`)."""
+    return fmt.row_wise

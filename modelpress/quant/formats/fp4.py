@@ -113,14 +113,29 @@ class NVFP4Format(WeightFormat):
     def _fixed_block(cls, g: Granularity) -> Granularity:
         return _require_block(g, 16, "nvfp4")
 
+    @property
+    def tensor_wide(self) -> bool:
+        """The fp32 global scale spans the tensor."""
+        return True
+
+    def fit_tensor(self, w: torch.Tensor) -> Params:
+        """The fp32 global scale of the whole ``w`` (rows, n_groups, 16): block scales fit E4M3 under it."""
+        g = w.abs().amax() / (448.0 * E2M1_MAX)
+        return {"global_scale": torch.where(g > 0, g, torch.ones_like(g)).reshape(1).to(torch.float32)}
+
+    def fit_groups(self, w: torch.Tensor, tensor: Params, first_group: int = 0) -> Params:
+        """E4M3 block scales of ``w`` (rows, k, 16) under the fixed global scale (clamped to E4M3's
+        largest value when a group grew past the tensor's original range)."""
+        g = tensor["global_scale"].reshape(1, 1, 1)
+        block = (w.abs().amax(dim=-1, keepdim=True) / E2M1_MAX / g).clamp_max(448.0)  # (rows, k, 1)
+        return {"scale": decode_fp8(encode_fp8(block, "e4m3"), "e4m3"), "global_scale": g}
+
+    def store(self, params: Params, tensor: Params) -> Params:
+        return {"scale": encode_fp8(params["scale"].squeeze(-1), "e4m3"), "global_scale": tensor["global_scale"]}
+
     def fit(self, w: torch.Tensor) -> Params:
         """Global scale from the whole ``w`` (rows, n_groups, 16) and E4M3 block scales under it."""
-        tensor_amax = w.abs().amax()
-        g = tensor_amax / (448.0 * E2M1_MAX)
-        g = torch.where(g > 0, g, torch.ones_like(g)).reshape(1, 1, 1)
-        block = w.abs().amax(dim=-1, keepdim=True) / E2M1_MAX / g  # (rows, n_groups, 1), <= 448
-        block = decode_fp8(encode_fp8(block, "e4m3"), "e4m3")  # RNE to E4M3, as stored
-        return {"scale": block, "global_scale": g}
+        return self.fit_groups(w, self.fit_tensor(w))
 
     def encode(self, w: torch.Tensor, params: Params) -> torch.Tensor:
         """E2M1 codes of ``w / (block_scale * global_scale)``."""

@@ -56,6 +56,7 @@ class NF4Format(WeightFormat):
     """
 
     code_bits: ClassVar[int] = 4
+    scale_linear: ClassVar[bool] = False  # its parameter is "absmax", not a learnable "scale"
 
     type: Literal["nf4"] = "nf4"
     granularity: Granularity = PerGroup(size=64)
@@ -73,6 +74,37 @@ class NF4Format(WeightFormat):
     def decode(self, codes: torch.Tensor, params: Params) -> torch.Tensor:
         """``NF4_VALUES[codes] * absmax`` as float32."""
         return _nf4_table(codes.device)[codes.long()] * params["absmax"].to(torch.float32)
+
+    @property
+    def tensor_wide(self) -> bool:
+        """Double quantisation's offset and second-level scales span the tensor."""
+        return self.double_quant
+
+    def fit_tensor(self, w: torch.Tensor) -> Params:
+        """Double quantisation's statistics of the absmax of ``w`` (rows, n_groups, G): the offset
+        (their mean) and one scale per 256 centred values; none without double quantisation."""
+        if not self.double_quant:
+            return {}
+        absmax = w.abs().amax(dim=-1).to(torch.float32)  # (rows, n_groups)
+        offset = absmax.mean().reshape(1)
+        scale2 = _blocks_of(absmax.reshape(-1) - offset).abs().amax(dim=-1)  # (n_blocks,)
+        return {"absmax_scale": scale2, "absmax_offset": offset, "n_groups": torch.tensor([absmax.shape[1]])}
+
+    def fit_groups(self, w: torch.Tensor, tensor: Params, first_group: int = 0) -> Params:
+        """Absmax of groups ``first_group ..`` rounded through the fixed double-quantisation statistics
+        (the value stored, so a later store gives these exact values back)."""
+        absmax = w.abs().amax(dim=-1, keepdim=True)  # (rows, k, 1)
+        if not self.double_quant:
+            return {"absmax": absmax}
+        q = _dq_codes(absmax.squeeze(-1), tensor, first_group)
+        return {"absmax": _dq_values(q, tensor, first_group).unsqueeze(-1)}
+
+    def store(self, params: Params, tensor: Params) -> Params:
+        """Double-quantised with the statistics fitted up front (not re-fitted on ``params``)."""
+        if not self.double_quant:
+            return self.store_params(params)
+        q = _dq_codes(params["absmax"].squeeze(-1).to(torch.float32), tensor, 0)
+        return {"absmax_q": q, "absmax_scale": tensor["absmax_scale"], "absmax_offset": tensor["absmax_offset"]}
 
     def store_params(self, params: Params) -> Params:
         """fp32 absmax (rows, n_groups), or its double-quantised form (see module docstring)."""
@@ -115,6 +147,29 @@ def double_dequantize(stored: Params) -> torch.Tensor:
     code = dynamic_map(q.device)[_blocks_of(q.reshape(-1)).long()]  # (n_blocks, 256)
     vals = code * stored["absmax_scale"].to(torch.float32).unsqueeze(-1) + stored["absmax_offset"].float()
     return vals.reshape(-1)[: q.numel()].reshape(q.shape).clamp_min(0)
+
+
+def _dq_index(shape: tuple[int, int], tensor: Params, first_group: int, device: torch.device) -> torch.Tensor:
+    """Second-level block of each absmax (rows, k) of groups ``first_group ..`` in the row-major
+    (rows, n_groups) order double quantisation flattens them in."""
+    rows, k = shape
+    n_groups = int(tensor["n_groups"])
+    flat = torch.arange(rows, device=device).unsqueeze(1) * n_groups + first_group + torch.arange(k, device=device)
+    return flat // DQ_BLOCK  # (rows, k)
+
+
+def _dq_codes(absmax: torch.Tensor, tensor: Params, first_group: int) -> torch.Tensor:
+    """uint8 dynamic-map codes of ``absmax`` (rows, k) under the fixed offset and block scales."""
+    blk = _dq_index(tuple(absmax.shape), tensor, first_group, absmax.device)
+    scale2 = tensor["absmax_scale"].to(absmax.device)[blk]
+    return _nearest((absmax - tensor["absmax_offset"]) / _nonzero(scale2), dynamic_map(absmax.device)).to(torch.uint8)
+
+
+def _dq_values(q: torch.Tensor, tensor: Params, first_group: int) -> torch.Tensor:
+    """Float32 absmax (rows, k) of codes ``q`` (clamped at zero, as :func:`double_dequantize`)."""
+    blk = _dq_index(tuple(q.shape), tensor, first_group, q.device)
+    vals = dynamic_map(q.device)[q.long()] * tensor["absmax_scale"].to(q.device)[blk] + tensor["absmax_offset"]
+    return vals.clamp_min(0)
 
 
 @lru_cache(maxsize=None)

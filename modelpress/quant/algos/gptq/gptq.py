@@ -5,8 +5,9 @@ not yet quantised columns ``F`` with the OBS update ``w_F -= (w_q - q) / [H_F^-1
 Every ``[H_F^-1]`` needed is a row of one upper Cholesky factor ``Hinv`` of ``H^-1``, and updates
 are applied lazily, ``blocksize`` columns at a time. Names follow IST-DASLab/gptq's ``gptq.py``.
 
-The format is only used through its contract (``fit`` / ``encode`` / ``decode`` /
-``roundtrip_params`` / ``store_params``), so every registered format works.
+The format is only used through its contract (a :class:`FitPlan`: tensor-wide parameters once,
+group parameters at stored precision, ``encode`` / ``decode``), so every registered format works
+and what is stored is exactly what the column loop used.
 """
 from __future__ import annotations
 
@@ -104,8 +105,10 @@ def gptq_quantize(
     dynamic = isinstance(fmt.granularity, PerGroup) and not act_order
     if act_order and isinstance(fmt.granularity, PerGroup) and not static_groups:
         raise ModelpressError("gptq: act_order with per-group parameters needs static_groups=True")
-    # (rows | 1, n_groups, 1): fitted up front unless groups are fitted as the loop reaches them
-    params = None if dynamic else fmt.roundtrip_params(fmt.fit(fmt.grouped(WT.T)))
+    # tensor-wide parameters (NVFP4's global scale, NF4's double quantisation) once, on W; group
+    # parameters (rows | 1, n_groups, 1) up front too, unless fitted as the loop reaches each group
+    plan = fmt.plan(fmt.grouped(WT.T))
+    params = None if dynamic else plan.fit(fmt.grouped(WT.T))
 
     perm = torch.arange(columns, device=W.device)
     if act_order:
@@ -149,7 +152,7 @@ def gptq_quantize(
                 if dynamic and (i1 + i) % groupsize == 0:
                     Wg = _current_columns(WT, W1, Err1, Hinv, i1, i, min(i1 + i + groupsize, columns))
                     Wg = F.pad(Wg.T, (0, groupsize - Wg.shape[0]))  # (rows, G), zero padded as fmt.grouped does
-                    fitted.append(fmt.roundtrip_params(fmt.fit(Wg.unsqueeze(1))))
+                    fitted.append(plan.fit(Wg.unsqueeze(1), first_group=(i1 + i) // groupsize))
                 p = fitted[-1] if dynamic else _group_params(params, group_of[i1 + i])
 
                 c, q = quantize_column(fmt, w, p)
@@ -171,7 +174,7 @@ def gptq_quantize(
     if act_order:  # back to the original column order (each a single copy, the permuted one freed)
         invperm = torch.argsort(perm)
         QT, codesT = QT[invperm], codesT[invperm]
-    qtensor = QTensor(fmt, (rows, columns), codesT.T.contiguous(), fmt.store_params(params))
+    qtensor = QTensor(fmt, (rows, columns), codesT.T.contiguous(), plan.store(params))
     del codesT
     return GPTQResult(qtensor, QT.T, float(row_loss.sum()), damp_used, damp_abs, row_loss,
                       int(dead.sum()), warnings)

@@ -6,10 +6,10 @@ Layers reading the same input (q/k/v, gate/up) share one Hessian.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import torch.nn as nn
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ....calib.obs import output_rel_error
 from ....calib.stats import HessianAccumulator
@@ -19,6 +19,7 @@ from ....models.selection import layer_weight
 from ....quant.apply import install_quantized, record_quantized
 from ....quant.fields import FormatField
 from ...apply import install_pruned, record_pruned
+from ...patterns import NM
 from ...config import PruneConfig
 from ...masks import mask_from_scores
 from ...stage import CalibratedPruneStage
@@ -34,11 +35,20 @@ class SparseGPTConfig(PruneConfig):
         4
     """
 
+    format_needs: ClassVar[tuple[str, ...]] = ("exact_zero",)  # pruned weights are stored as code-for-zero
+
     method: Literal["sparsegpt"] = "sparsegpt"
     blocksize: int = Field(128, gt=0, description="columns per adaptive mask selection and lazy update")
     dampening_frac: float = Field(0.01, gt=0, lt=1, description="percdamp: fraction of mean diag(H) added")
     format: Optional[FormatField] = Field(None, description="quantise kept weights in the same pass")
     true_sequential: bool = Field(False, description="within a block, later layers see earlier ones pruned")
+
+    @model_validator(mode="after")
+    def _blocks_hold_whole_groups(self) -> "SparseGPTConfig":
+        if isinstance(self.pattern, NM) and self.blocksize % self.pattern.m:
+            raise ValueError(f"blocksize {self.blocksize} must be a multiple of {self.pattern.m} for "
+                             f"{self.pattern.n}:{self.pattern.m} sparsity (groups must not straddle blocks)")
+        return self
 
 
 def sparsegpt_stage(lm: LoadedModel, cfg: SparseGPTConfig) -> CalibratedPruneStage:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ....calib.obs import inverse_cholesky_, quantize_column
 from ....core.errors import ModelpressError
 from ....core.threads import torch_threads
-from ....quant.formats.base import Params, QTensor, WeightFormat
+from ....quant.formats.base import FitPlan, Params, QTensor, WeightFormat
 from ....quant.granularity import PerGroup
 from ...masks import _prune_lowest
 from ...patterns import NM, SparsityPattern, Unstructured
@@ -69,7 +69,7 @@ def sparsegpt_prune(
         >>> int((res.W.reshape(32, 16, 4) == 0).sum(-1).min())
         2
     """
-    _check(W, H, pattern, sparsity, mask)
+    _check(W, H, pattern, sparsity, mask, blocksize)
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     W = W.detach().to(dtype).clone()  # (rows, columns)
     H = H.detach().to(dtype).clone()  # (columns, columns)
@@ -84,7 +84,8 @@ def sparsegpt_prune(
 
     groupsize = fmt.granularity.size if fmt is not None and isinstance(fmt.granularity, PerGroup) else columns
     dynamic = fmt is not None and isinstance(fmt.granularity, PerGroup)
-    params = fmt.roundtrip_params(fmt.fit(fmt.grouped(W))) if fmt is not None and not dynamic else None
+    plan = fmt.plan(fmt.grouped(W)) if fmt is not None else None  # tensor-wide parameters, once
+    params = plan.fit(fmt.grouped(W)) if plan is not None and not dynamic else None
     fitted: list[Params] = []
     codes = torch.zeros(rows, columns, dtype=torch.uint8, device=W.device) if fmt is not None else None
 
@@ -129,7 +130,7 @@ def sparsegpt_prune(
                 q[mask1[:, i]] = 0
                 if fmt is not None:
                     if dynamic and (i1 + i) % groupsize == 0:
-                        fitted.append(_fit_group(fmt, W, W1, Err1, Hinv, mask1, i1, i, groupsize))
+                        fitted.append(_fit_group(plan, W, W1, Err1, Hinv, mask1, i1, i, groupsize))
                     c, qv = quantize_column(fmt, q, fitted[-1] if dynamic else params)
                     q = torch.where(mask1[:, i], torch.zeros_like(qv), qv).to(dtype)
                     codes[:, i1 + i] = c
@@ -147,7 +148,7 @@ def sparsegpt_prune(
 
     qt = None
     if fmt is not None:
-        qt = _qtensor(fmt, codes, fitted if dynamic else None, params, keep, (rows, columns))
+        qt = _qtensor(plan, codes, fitted if dynamic else None, params, keep, (rows, columns))
     return SparseGPTResult(W.to(torch.float32), keep, loss, damp_used, qt, warnings)
 
 
@@ -156,7 +157,7 @@ def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     return ~_prune_lowest(scores, k)
 
 
-def _fit_group(fmt: WeightFormat, W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, Hinv: torch.Tensor,
+def _fit_group(plan: FitPlan, W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, Hinv: torch.Tensor,
                mask1: torch.Tensor, i1: int, i: int, groupsize: int) -> Params:
     """Parameters of the group starting at column ``i1 + i``, fitted on the weights updated so far.
 
@@ -170,24 +171,28 @@ def _fit_group(fmt: WeightFormat, W: torch.Tensor, W1: torch.Tensor, Err1: torch
     if j2 > i2:
         inside = torch.cat([inside, W[:, i2:j2] - Err1[:, :i].matmul(Hinv[i1:i1 + i, i2:j2])], dim=1)
     Wg = F.pad(inside, (0, groupsize - inside.shape[1]))  # (rows, G): short last group zero padded
-    return fmt.roundtrip_params(fmt.fit(Wg.unsqueeze(1)))
+    return plan.fit(Wg.unsqueeze(1), first_group=(i1 + i) // groupsize)
 
 
-def _qtensor(fmt: WeightFormat, codes: torch.Tensor, fitted: list[Params] | None, params: Params | None,
+def _qtensor(plan: FitPlan, codes: torch.Tensor, fitted: list[Params] | None, params: Params | None,
              keep: torch.Tensor, shape: tuple[int, int]) -> QTensor:
     """Joint result as a QTensor; pruned weights get the code of 0 (refused if 0 is not on the grid)."""
+    fmt = plan.fmt
     if fitted is not None:
         params = {k: torch.cat([p[k] for p in fitted], dim=1) for k in fitted[0]}  # (rows, n_groups, 1)
-    qt = QTensor(fmt, shape, codes, fmt.store_params(params))
+    qt = QTensor(fmt, shape, codes, plan.store(params))
     if not bool((qt.dequantize()[~keep] == 0).all()):
         raise ModelpressError(f"sparsegpt: format {fmt.to_dict()} cannot store an exact 0 for pruned weights")
     return qt
 
 
 def _check(W: torch.Tensor, H: torch.Tensor, pattern: SparsityPattern, sparsity: float | None,
-           mask: torch.Tensor | None) -> None:
+           mask: torch.Tensor | None, blocksize: int = 128) -> None:
     if W.dim() != 2 or W.numel() == 0:
         raise ModelpressError(f"sparsegpt expects a non-empty 2-D weight, got shape {tuple(W.shape)}")
+    if isinstance(pattern, NM) and mask is None and blocksize % pattern.m:
+        raise ModelpressError(f"sparsegpt: {pattern.n}:{pattern.m} needs a blocksize that is a multiple of "
+                              f"{pattern.m} (groups of {pattern.m} must not straddle blocks), got {blocksize}")
     if H.shape != (W.shape[1], W.shape[1]):
         raise ModelpressError(f"sparsegpt: Hessian shape {tuple(H.shape)} does not match weight {tuple(W.shape)}")
     if not torch.isfinite(H).all():
