@@ -86,6 +86,8 @@ def _write_folder(lm: LoadedModel, tmp: Path, recipe: Any, report: dict | None) 
         save_file(sd, str(tmp / WEIGHTS), metadata=ST_METADATA)
     cfg = getattr(lm.module, "config", None)
     if cfg is not None and hasattr(cfg, "to_json_string"):
+        if not getattr(cfg, "architectures", None):  # (a GGUF's converted config has none) so any reader
+            cfg.architectures = [type(lm.module).__name__]  # rebuilds the class with the head, not the bare model
         (tmp / "config.json").write_text(cfg.to_json_string())
     if lm.tokenizer is not None:
         lm.tokenizer.save(tmp)

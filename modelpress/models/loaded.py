@@ -49,14 +49,27 @@ class LoadedModel:
         return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
 
+#: Model types that are encoders even though transformers also maps them to a causal-LM head class.
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "deberta", "deberta-v2", "distilbert", "mpnet", "camembert")
+
+
 def hf_auto_class(config: Any) -> Any:
+    """AutoModelForCausalLM for decoders, AutoModel otherwise: from ``architectures``, or, when the
+    config has none (one converted from GGUF), from whether transformers has a causal-LM class for
+    its model type."""
     import transformers
 
     archs = getattr(config, "architectures", None) or []
     if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
         return transformers.AutoModelForCausalLM
-    if getattr(config, "is_decoder", False) or config.model_type in ("llama", "gpt2", "opt", "mistral", "qwen2"):
+    if getattr(config, "is_decoder", False):
         return transformers.AutoModelForCausalLM
+    if not archs and config.model_type not in ENCODER_TYPES and not getattr(config, "is_encoder_decoder", False):
+        try:
+            transformers.AutoModelForCausalLM._model_mapping[type(config)]
+            return transformers.AutoModelForCausalLM
+        except KeyError:
+            pass
     return transformers.AutoModel
 
 

@@ -74,20 +74,25 @@ def load_compressed(folder: str | Path, *, trust_remote_code: bool = False, veri
     if verify:
         verify_files(folder, manifest)
     tensors = read_weights(folder)
-    model = _skeleton(folder, trust_remote_code)
+    model = _skeleton(folder, trust_remote_code, manifest.get("model_class"))
     install_packed_layers(model, manifest["layers"], tensors)
     _load_rest(model, tensors, manifest)
     model.eval()
     return _wrap_loaded(model, folder, manifest)
 
 
-def _skeleton(folder: Path, trust_remote_code: bool) -> nn.Module:
+def _skeleton(folder: Path, trust_remote_code: bool, model_class: str | None = None) -> nn.Module:
+    """The model's architecture with fresh weights: the class the manifest names when transformers
+    has it (a config converted from GGUF carries no ``architectures``), else the auto class."""
     import transformers
 
     if not (folder / "config.json").exists():
         raise ModelpressError(f"{folder}: no config.json; a plain nn.Module output must be rebuilt by its own code "
                               "and filled with modelpress.export.saving.load_into(module, folder)")
     config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    cls = getattr(transformers, model_class, None) if model_class and model_class.isidentifier() else None
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+        return cls(config)
     return hf_auto_class(config).from_config(config, trust_remote_code=trust_remote_code)
 
 
