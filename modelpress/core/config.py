@@ -76,6 +76,10 @@ class Registry(Generic[T]):
 
         return deco
 
+    def holds(self, name: str) -> bool:
+        """Whether ``name`` is registered already (no discovery: importing a family is not free)."""
+        return name in self._items
+
     def unregister(self, name: str) -> None:
         """Remove ``name`` (tests that register a throw-away extension clean up with this)."""
         self._items.pop(name, None)

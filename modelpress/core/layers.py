@@ -18,14 +18,14 @@ from .config import Registry
 from .errors import ModelpressError
 
 SAVED_LAYERS: Registry[type[nn.Module]] = Registry("compressed layer", packages=("modelpress.quant", "modelpress.sparsity"))
-#: Tag of manifest entries written before entries named their class (quantised linears).
-DEFAULT_TAG = "quant"
+#: Tag and module of manifest entries written before entries named their class (quantised linears).
+DEFAULT_TAG, DEFAULT_MODULE = "quant", "modelpress.quant.qlinear"
 
 
 def is_compressed(m: nn.Module) -> bool:
     """Whether ``m`` is an instance of a registered compressed layer class."""
     tag = getattr(m, "layer_tag", None)
-    return tag is not None and tag in SAVED_LAYERS and isinstance(m, SAVED_LAYERS.get(tag))
+    return tag is not None and SAVED_LAYERS.holds(tag) and isinstance(m, SAVED_LAYERS.get(tag))
 
 
 def layer_formats(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -37,8 +37,8 @@ def layer_formats(model: nn.Module) -> dict[str, dict[str, Any]]:
 def saved_layer_class(info: dict[str, Any]) -> type[nn.Module]:
     """The class of a manifest entry, importing only the module the entry names (ours or a plugin's)."""
     tag = info.get("layer", DEFAULT_TAG)
-    module = info.get("module")
-    if tag not in SAVED_LAYERS and module:
+    module = info.get("module") or (DEFAULT_MODULE if tag == DEFAULT_TAG else None)
+    if not SAVED_LAYERS.holds(tag) and module:
         from .plugins import plugin_modules
 
         if not (module == "modelpress" or module.startswith("modelpress.") or module in plugin_modules()):
