@@ -20,20 +20,21 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
 
 
+def _at_least(text: str, low: int) -> int:
+    v = _int(text)
+    if v < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {v}")
+    return v
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1 (counts, lengths, strides)."""
-    v = _int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+    return _at_least(text, 1)
 
 
 def nonneg_int(text: str) -> int:
     """An integer >= 0 (seeds)."""
-    v = _int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
+    return _at_least(text, 0)
 
 
 def window_len(text: str) -> int:

@@ -189,15 +189,9 @@ def atomic_output(output: str | os.PathLike, overwrite: bool, *, is_file: bool =
     clean_stale_temps(out)
     tmp = temp_path(out, is_file=is_file)
     try:
-        yield tmp
-        swap_into_place(tmp, out)
-    except OSError as e:
-        raise EnvironmentFailure.from_os_error(e, "write", out) from None
-    except Exception as e:
-        cause = io_cause(e)
-        if cause is None:
-            raise
-        raise EnvironmentFailure(f"cannot write {out}: {cause}") from None
+        with writing(out):
+            yield tmp
+            swap_into_place(tmp, out)
     finally:
         if tmp.exists() or tmp.is_symlink():
             with contextlib.suppress(OSError):
@@ -209,8 +203,16 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
     carry the OS cause only as text)."""
     from safetensors.torch import save_file
 
-    try:
+    with writing(path):
         save_file(tensors, str(path), metadata=metadata)
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn an I/O failure inside the block into one line naming ``path`` (or the file the OS named)
+    and the cause, including the OS errors that libraries report only as text."""
+    try:
+        yield
     except OSError as e:
         raise EnvironmentFailure.from_os_error(e, "write", path) from None
     except Exception as e:
