@@ -1,10 +1,15 @@
-"""Peak memory of GPTQ W4 on a synthetic Llama-shaped model larger than the memory it may use.
+"""Peak memory of low-memory compression on a synthetic Llama-shaped model larger than the memory
+it may use, with and without the float reference.
 
 Writes a random-weight Llama (fp32, sharded safetensors, >= --target-gb), then runs
-``modelpress compress --low-memory`` on it under /usr/bin/time and reports peak RSS as a fraction
-of the fp32 weight bytes. The point is memory, not quality: a few random calibration windows.
+``modelpress compress --low-memory`` on it once per variant, each in its own process under
+/usr/bin/time, and reports peak RSS as a fraction of the fp32 weight bytes. The point is memory,
+not quality: a few random calibration windows. A ``+block-error`` variant appends the
+``block-error`` stage, which reads the float reference block by block (from the source files in
+low-memory mode): its row against the plain one is what the reference costs in memory.
 
     python bench/memory_large.py --target-gb 6 --out bench/results/memory_large
+    python bench/memory_large.py --target-gb 6 --variants wanda wanda+block-error --out bench/results/memory_reference
 """
 from __future__ import annotations
 
@@ -20,15 +25,17 @@ from pathlib import Path
 
 import torch
 
-RECIPE = """name: gptq-w4-g128-fast
-description: GPTQ W4 g128, true-sequential, no act-order (memory check)
-stages:
-  - method: gptq
-    ignore: [lm_head]
-    act_order: false
-    true_sequential: true
-    format: {type: int, bits: 4, symmetric: true, granularity: 128}
-"""
+STAGES = {
+    "gptq": "  - method: gptq\n    ignore: [lm_head]\n    act_order: false\n    true_sequential: true\n"
+            "    format: {type: int, bits: 4, symmetric: true, granularity: 128}\n",
+    "wanda": "  - method: wanda\n    sparsity: 0.5\n",
+    "block-error": "  - method: block-error\n",
+}
+
+
+def recipe(variant: str) -> str:
+    """YAML for ``a+b`` (stages in order), e.g. ``gptq`` or ``wanda+block-error``."""
+    return f"name: {variant}\nstages:\n" + "".join(STAGES[p] for p in variant.split("+"))
 
 
 def write_model(folder: Path, target_gb: float, hidden: int, inter: int, vocab: int) -> int:
@@ -77,6 +84,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--workdir", default="/tmp/mp-memory-large")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--variants", nargs="+", default=["gptq"],
+                    help=f"recipes to run, stages joined by '+': {', '.join(STAGES)} (default: gptq)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     from safetensors.torch import save_file
@@ -88,11 +97,32 @@ def main() -> None:
     gen_s = time.perf_counter() - t
     calib = torch.randint(0, args.vocab, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(1))
     save_file({"calib": calib}, str(work / "calib.safetensors"))
-    (work / "recipe.yaml").write_text(RECIPE)
+    rows = [run_variant(v, work, args) | {"fp32_bytes": fp32} for v in args.variants]
+    cfg = json.loads((work / "model/config.json").read_text())
+    res = {"rows": rows, "generate_s": gen_s, "config": cfg, "calib": [args.samples, args.seq_len],
+           "cpus": os.cpu_count(), "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out + ".json").write_text(json.dumps(res, indent=2))
+    md = ["# Low-memory compression of a synthetic Llama", "",
+          f"{cfg['num_hidden_layers']} layers, hidden {args.hidden}, MLP {args.inter}, vocab {args.vocab}; "
+          f"calibration {args.samples} x {args.seq_len} random tokens; each variant in its own process", "",
+          "| variant | fp32 weights GB | peak RSS GB | RSS / fp32 | output GB | compress wall s |", "|---|---|---|---|---|---|"]
+    md += [f"| {r['variant']} | {fp32 / 1e9:.2f} | {r['peak_rss_bytes'] / 1e9:.2f} | {r['peak_rss_bytes'] / fp32:.3f} | "
+           f"{r['output_bytes'] / 1e9:.2f} | {r['compress_wall_s']:.0f} |" for r in rows]
+    Path(args.out + ".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_variant(variant: str, work: Path, args: argparse.Namespace) -> dict:
+    """One ``compress --low-memory`` process under /usr/bin/time: peak RSS, wall time, output size."""
+    (work / "recipe.yaml").write_text(recipe(variant))
+    out = work / f"out-{variant}"
     cmd = [sys.executable, "-m", "modelpress.cli.main", "--quiet", "compress", "--model", str(work / "model"),
            "--recipe", str(work / "recipe.yaml"), "--calib", str(work / "calib.safetensors"),
            "--calib-samples", str(args.samples), "--calib-seq-len", str(args.seq_len), "--low-memory",
-           "--output", str(work / "out")]
+           "--output", str(out)]
     t = time.perf_counter()
     # two malloc arenas: glibc otherwise keeps a per-thread arena of freed float blocks resident
     env = {**os.environ, "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")}
@@ -101,21 +131,9 @@ def main() -> None:
     if p.returncode != 0:
         raise SystemExit(p.stderr[-3000:])
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1)) * 1024
-    out_bytes = sum(f.stat().st_size for f in (work / "out").glob("*.safetensors"))
-    res = {"fp32_bytes": fp32, "peak_rss_bytes": rss, "rss_fraction_of_fp32": rss / fp32, "compress_wall_s": wall,
-           "output_bytes": out_bytes, "generate_s": gen_s, "config": json.loads((work / "model/config.json").read_text()),
-           "calib": [args.samples, args.seq_len], "cpus": os.cpu_count(), "MALLOC_ARENA_MAX": env["MALLOC_ARENA_MAX"]}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(json.dumps(res, indent=2))
-    md = ["# Low-memory GPTQ W4 g128 on a synthetic Llama", "",
-          f"{res['config']['num_hidden_layers']} layers, hidden {args.hidden}, MLP {args.inter}, vocab {args.vocab}; "
-          f"calibration {args.samples} x {args.seq_len} random tokens", "",
-          "| fp32 weights GB | peak RSS GB | RSS / fp32 | output GB | compress wall s |", "|---|---|---|---|---|",
-          f"| {fp32 / 1e9:.2f} | {rss / 1e9:.2f} | {rss / fp32:.3f} | {out_bytes / 1e9:.2f} | {wall:.0f} |"]
-    Path(args.out + ".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
+    out_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    shutil.rmtree(out, ignore_errors=True)
+    return {"variant": variant, "peak_rss_bytes": rss, "compress_wall_s": wall, "output_bytes": out_bytes}
 
 
 if __name__ == "__main__":

@@ -29,9 +29,14 @@ def is_compressed(m: nn.Module) -> bool:
 
 
 def layer_formats(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """name -> manifest entry (``layer``, ``module`` and the class's own fields) of every compressed layer."""
+    """name -> manifest entry (``layer``, ``module`` and the class's own fields) of every compressed
+    layer held in memory (an offloaded one, on the meta device, was recorded with its checkpoint)."""
     return {name: {"layer": m.layer_tag, "module": type(m).__module__, **m.manifest_entry()}
-            for name, m in model.named_modules() if is_compressed(m)}
+            for name, m in model.named_modules() if is_compressed(m) and not _offloaded(m)}
+
+
+def _offloaded(m: nn.Module) -> bool:
+    return any(t.is_meta for t in list(m.parameters()) + list(m.buffers()))
 
 
 def saved_layer_class(info: dict[str, Any]) -> type[nn.Module]:

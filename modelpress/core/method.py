@@ -191,5 +191,5 @@ class MethodEntry:
 
 
 #: The method families' packages: a module anywhere below them that registers a method is found.
-METHOD_PACKAGES = ("modelpress.quant.algos", "modelpress.sparsity")
+METHOD_PACKAGES = ("modelpress.quant.algos", "modelpress.sparsity", "modelpress.diagnostics")
 METHODS: Registry[MethodEntry] = Registry("method", packages=METHOD_PACKAGES)

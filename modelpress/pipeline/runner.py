@@ -167,7 +167,8 @@ class Runner:
             with _grad_mode(entries[0].grad):
                 entries[0].run(self.lm, group[0], ctx)
             ctx.grad = False
-        self.timings.append({"stages": [st.method for st in group], "kind": kind.value,
+        kinds = list(dict.fromkeys(e.kind.value for e in entries))  # a pass can mix blockwise and reconstruction
+        self.timings.append({"stages": [st.method for st in group], "kind": "+".join(kinds),
                              "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
                              "layers": len(ctx.layers) - n0})
 

@@ -180,6 +180,12 @@ class SparseLayer(nn.Module):
         return cls(w, mask, tensors.get("bias"), info["kind"], conv, pattern_from_dict(info["pattern"]))
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        if self.weight.is_meta:  # offloaded (low-memory mode): its checkpoint holds the real tensors
+            destination[prefix + "bitmask"] = torch.empty(0, dtype=torch.uint8, device="meta")
+            destination[prefix + "values"] = torch.empty(0, dtype=self.weight.dtype, device="meta")
+            if self.bias is not None:
+                destination[prefix + "bias"] = self.bias.detach()
+            return
         w = self.weight if keep_vars else self.weight.detach()
         destination[prefix + "bitmask"] = pack_mask(self.mask)
         destination[prefix + "values"] = w[self.mask]  # (n_kept,) row-major

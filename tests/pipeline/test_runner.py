@@ -124,3 +124,15 @@ def test_reconstruction_without_calibration_is_refused_before_work(probes):
     with pytest.raises(ModelpressError, match="calibration"):
         mp.compress(lm, {"stages": [{"method": "rtn"}, {"method": "probe-recon"}]}, progress=False)
     assert all(torch.equal(before[k], v) for k, v in lm.module.state_dict().items())
+
+
+def test_block_error_is_zero_on_the_float_model_and_grows_after_quantisation(calib):
+    base = make_tiny_llama(seed=7, layers=3)
+    rep0 = mp.compress(mp.load(copy.deepcopy(base)), {"stages": [{"method": "block-error"}]}, calib=calib, progress=False)
+    assert [r["out_rel_error"] for r in rep0["layers"]] == [0.0, 0.0, 0.0]
+    rep = mp.compress(mp.load(copy.deepcopy(base)), {"stages": [
+        {"method": "gptq", "format": {"type": "int", "bits": 3, "granularity": 32}}, {"method": "block-error"}]},
+        calib=calib, progress=False)
+    errs = [r["out_rel_error"] for r in rep["layers"] if r["method"] == "block-error"]
+    assert len(errs) == 3 and 0 < errs[0] and all(e > 0.01 for e in errs)
+    assert rep["stages"][0]["kind"] == "blockwise+reconstruction"

@@ -114,6 +114,26 @@ def test_low_memory_offloads_blocks_and_streams_the_save(tmp_path, calib):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("stages", [[{"method": "wanda", "sparsity": 0.5}],
+                                    [{"method": "wanda", "sparsity": 0.5}, {"method": "block-error"}]],
+                         ids=["wanda", "wanda+block-error"])
+def test_low_memory_pruning_and_float_reference_stream_the_save(tmp_path, calib, stages):
+    """Offloaded SparseLayers save from their checkpoints; the float reference reads the source files."""
+    base = make_tiny_llama(seed=9, layers=3)
+    base.save_pretrained(str(tmp_path / "m"))
+    recipe = {"name": "p", "stages": stages}
+    ref = mp.load(copy.deepcopy(base))
+    rep_ref = mp.compress(ref, recipe, calib=calib, progress=False)
+    lazy = mp.load(str(tmp_path / "m"), low_memory=True)
+    rep = mp.compress(lazy, recipe, calib=calib, progress=False, workdir=tmp_path / "work")
+    back = mp.load(str(mp.save(lazy, tmp_path / "out")))
+    ids = torch.randint(0, 300, (1, 20))
+    assert torch.equal(ref.module(input_ids=ids).logits, back.module(input_ids=ids).logits)
+    errs = lambda r: [x["out_rel_error"] for x in r["layers"] if x["method"] == "block-error"]  # noqa: E731
+    assert errs(rep) == errs(rep_ref) and all(e > 0 for e in errs(rep))
+    assert not (tmp_path / "work").exists()
+
+
 def test_offloaded_activation_cache_gives_identical_result(tmp_path, calib):
     base = make_tiny_llama(seed=9, layers=2)
     ref = mp.load(copy.deepcopy(base))

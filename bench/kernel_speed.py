@@ -9,7 +9,7 @@ over fp32 as the median (and interquartile range) of the per-round ratios, each 
 two calls made back to back, which is what stays stable when neighbours on the host come and go.
 The CPU time stolen by the hypervisor during the run is read from /proc/stat and printed.
 
-    python bench/kernels.py --threads 2 --out bench/results/kernels
+    python bench/kernel_speed.py --threads 2 --out bench/results/kernels
 """
 from __future__ import annotations
 
