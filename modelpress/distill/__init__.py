@@ -1,0 +1,1 @@
+"""Knowledge distillation: losses, teacher outputs, students built from teachers, the trainer."""
