@@ -63,6 +63,10 @@ class Batch:
     def mask(self) -> torch.Tensor:
         return self.attention_mask.bool() if self.attention_mask is not None else torch.ones_like(self.input_ids, dtype=torch.bool)
 
+    def to(self, device: torch.device | str) -> "Batch":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch(self.input_ids.to(device), move(self.attention_mask), move(self.labels), self.extra)
+
 
 class LossConfig(Config, ABC):
     """Base of every distillation loss: a type tag and its weight in a mix."""
