@@ -74,6 +74,22 @@ def calibration_for(lm: LoadedModel, calib: str | Path | torch.Tensor | Calibrat
     return Calibration(ids, info)
 
 
+def training_for(lm: LoadedModel, source: str | Path | None = None, n_samples: int = 512, seq_len: int = 256,
+                 seed: int = 0) -> Any:
+    """Training sequences (``distill.trainer.TrainData``) from a text source (default: the bundled C4
+    excerpt): token-stream windows for a language model, padded sentences for an encoder."""
+    from .distill.data import training_data
+    from .distill.method import is_language_model
+
+    seq_len = min(seq_len, lm.max_length or seq_len)
+    return training_data(lm, source or DEFAULT_CALIBRATION, n_samples, seq_len, seed, is_language_model(lm.module))
+
+
+def needs_training(recipe: str | Path | Recipe | MethodConfig | dict) -> bool:
+    """Whether any stage of ``recipe`` trains (and so reads ``--train`` text)."""
+    return any(METHODS.get(st.method).needs_training_data for st in as_recipe(recipe).stages)
+
+
 def needs_calibration(recipe: str | Path | Recipe | MethodConfig | dict) -> bool:
     """Whether any stage of ``recipe`` needs calibration data."""
     return any(METHODS.get(st.method).needs_calibration for st in as_recipe(recipe).stages)

@@ -41,7 +41,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     _check_paths(out, workdir)
     recipe = api.as_recipe(args.recipe)
     calib_spec = args.calib or (DEFAULT_CALIBRATION if api.needs_calibration(recipe) else None)
-    for spec, what in ((calib_spec, "calibration file"), (args.eval_data, "--eval-data file")):
+    train_spec = (args.train or calib_spec or DEFAULT_CALIBRATION) if api.needs_training(recipe) else None
+    for spec, what in ((calib_spec, "calibration file"), (args.eval_data, "--eval-data file"),
+                       (args.train, "--train file")):
         if spec:
             check_source(spec, what)
     if args.low_memory and args.eval_data:
@@ -52,10 +54,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - t0
     calib = api.calibration_for(lm, calib_spec, args.calib_samples, args.calib_seq_len, args.calib_seed,
                                 args.calib_chat) if calib_spec else None
+    train = api.training_for(lm, train_spec, args.train_samples, args.train_seq_len, args.calib_seed) \
+        if train_spec else None
     ev = {f"eval_{k}": v for k, v in _eval_kwargs(args, "eval_").items()}
     report = api.compress(lm, recipe, calib=calib, workdir=workdir, remove_workdir_if_empty=args.workdir is None,
                           offload_activations=args.offload_activations or args.low_memory,
-                          eval_data=args.eval_data, **ev)
+                          eval_data=args.eval_data, train=train, **ev)
     report["load_s"] = load_s
     if calib_spec and not args.calib:
         report["warnings"].insert(0, f"calibrated on {calib_spec}, the text shipped with modelpress; pass --calib for your own data")

@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-seq-len", type=A.window_len, default=2048, help="tokens per calibration window (default 2048, capped at model max)")
     c.add_argument("--calib-seed", type=A.nonneg_int, default=0)
     c.add_argument("--calib-chat", action="store_true", help="wrap calibration documents in the tokenizer's chat template")
+    c.add_argument("--train", help="training text for stages that train (distill ...): a file, hf:DATASET or "
+                                    "bundled:NAME (default: the calibration text)")
+    c.add_argument("--train-samples", type=A.positive_int, default=512, help="training sequences (default 512)")
+    c.add_argument("--train-seq-len", type=A.window_len, default=256, help="tokens per training sequence (default 256)")
     c.add_argument("--eval-data", help="also measure perplexity before and after on this text (file, hf:DATASET or "
                                        "bundled:wikitext2, the WikiText-2 test set shipped with modelpress)")
     _add_eval_opts(c, "eval-")

@@ -99,7 +99,8 @@ class StageContext:
 
     Attributes:
         calib: (n_samples, seq_len) calibration token ids, or None.
-        train: (n_samples, seq_len) training token ids (a separate source from calibration), or None.
+        train: training sequences (a ``distill.trainer.TrainData``: ids, mask), a separate source from
+            calibration, or None.
         reference: the frozen float reference of the original model
             (:class:`~modelpress.pipeline.reference.FloatReference`), when the stage asked for it.
         device, dtype: where and in which precision the stage computes.
@@ -126,6 +127,8 @@ class StageContext:
     world_size: int = 1
     #: the runner's block pass, for a stage that drives its own (``run_blocks([stage], checkpoints=False)``)
     run_blocks: Callable[..., None] | None = None
+    #: what training stages measured (steps, tokens, CPU time, curves), one dict per stage, for the report
+    metrics: list[dict[str, Any]] = field(default_factory=list)
 
     def warn(self, msg: str) -> None:
         if msg not in self.warnings:
@@ -173,7 +176,9 @@ class MethodEntry:
     summary: str = ""
     kind: StageKind | None = None
     grad: bool = False  # runs with gradients (training stages)
-    needs_reference: bool = False  # reads the float reference (reconstruction stages always do)
+    #: reads the float reference (reconstruction stages always do); a function of the stage's config
+    #: when only some configurations need it
+    needs_reference: bool | Callable[[Any], bool] = False
     needs_training_data: bool = False
     checkpoints: bool = True  # blockwise: per-block checkpoints are valid (no change of block shapes)
 
@@ -185,11 +190,13 @@ class MethodEntry:
         if self.kind in (StageKind.DATA_FREE, StageKind.TRAINING) and self.run is None:
             raise ValueError(f"a {self.kind.value} method needs a run function")
 
-    @property
-    def uses_reference(self) -> bool:
-        return self.needs_reference or self.kind == StageKind.RECONSTRUCTION
+    def uses_reference(self, cfg: Any = None) -> bool:
+        """Whether a stage of this method with config ``cfg`` needs the float reference."""
+        if self.kind == StageKind.RECONSTRUCTION:
+            return True
+        return bool(self.needs_reference(cfg) if callable(self.needs_reference) else self.needs_reference)
 
 
 #: The method families' packages: a module anywhere below them that registers a method is found.
-METHOD_PACKAGES = ("modelpress.quant.algos", "modelpress.sparsity", "modelpress.diagnostics")
+METHOD_PACKAGES = ("modelpress.quant.algos", "modelpress.sparsity", "modelpress.diagnostics", "modelpress.distill")
 METHODS: Registry[MethodEntry] = Registry("method", packages=METHOD_PACKAGES)

@@ -67,7 +67,9 @@ def _not_ours(out: Path) -> str | None:
     owned = owned_files(out)
     if owned is None:
         return f"it is not a modelpress output (no {MANIFEST} or {EXPORT_REPORT} listing its files)"
-    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name not in owned or p.is_dir())
+    foreign = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                     if p.is_file() and p.relative_to(out).as_posix() not in owned)
+    foreign += sorted(p.relative_to(out).as_posix() + "/" for p in out.rglob("*") if p.is_dir() and not any(p.iterdir()))
     if foreign:
         more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
         return f"it holds files modelpress did not write ({', '.join(foreign[:5])}{more})"

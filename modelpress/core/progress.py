@@ -20,6 +20,7 @@ def silence_libraries() -> None:
     """
     os.environ["MODELPRESS_PROGRESS"] = "0"
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TQDM_DISABLE"] = "1"  # bars libraries draw with tqdm directly (GGUF conversion, gguf-py)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     import sys

@@ -102,8 +102,9 @@ class TrainData:
         return int(self.input_ids.shape[0])
 
     def batch(self, idx: torch.Tensor) -> Batch:
+        """The sequences ``idx`` (their indices ride along in ``extra["index"]`` for cached teachers)."""
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
-        return Batch(self.input_ids[idx], pick(self.attention_mask), pick(self.labels))
+        return Batch(self.input_ids[idx], pick(self.attention_mask), pick(self.labels), {"index": idx})
 
     def tokens(self, idx: torch.Tensor) -> int:
         return int(self.attention_mask[idx].sum()) if self.attention_mask is not None else int(idx.numel() * self.input_ids.shape[1])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,9 @@ def _write_folder(lm: LoadedModel, tmp: Path, recipe: Any, report: dict | None) 
         (tmp / "config.json").write_text(cfg.to_json_string())
     if lm.tokenizer is not None:
         lm.tokenizer.save(tmp)
+    for name, src in lm.companions.items():  # e.g. sentence-transformers' modules.json and pooling config
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, tmp / name)
     manifest = {
         "format_version": FORMAT_VERSION, "versions": _versions(),
         "source": lm.source, "source_sha256": source_digest(lm) if lm.kind != "module" else None,
@@ -98,7 +102,8 @@ def _write_folder(lm: LoadedModel, tmp: Path, recipe: Any, report: dict | None) 
         "recipe": recipe.to_dict() if hasattr(recipe, "to_dict") else recipe,
         "calibration": (report or {}).get("calibration"),
         "layers": layers, "tied": ties,
-        "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != TEMP_MARKER},
+        "files": {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*"))
+                  if p.is_file() and p.name != TEMP_MARKER},
         "reports": list(REPORT_FILES),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -148,6 +148,8 @@ BERT = ArchSpec(
     # post-LN blocks: only the value -> output mapping is a pure linear chain
     scale_mappings=(("v_proj", ("o_proj",)),),
     sequential=(("q_proj", "k_proj", "v_proj"), ("o_proj",), ("up_proj",), ("down_proj",)),
+    # whole layers can go (students of half depth); heads and MLP widths are not wired for BERT
+    shapes=ShapeKeys(heads=None, kv_heads=None, head_dim=None, intermediate=None, attn_groups_attr=None),
 )
 
 MIXTRAL = ArchSpec(

@@ -42,6 +42,9 @@ class LoadedModel:
     lazy: Any = None  # a models.lazy.LazyBlocks when blocks load on demand (low-memory mode)
     files: list[Path] = field(default_factory=list)
     revision: str | None = None
+    #: files saved beside the weights so other libraries load the output the way they loaded the
+    #: source (a sentence-transformers model's modules.json and pooling config), output name -> source
+    companions: dict[str, Path] = field(default_factory=dict)
 
     @property
     def max_length(self) -> int | None:
@@ -51,6 +54,28 @@ class LoadedModel:
 
 #: Model types that are encoders even though transformers also maps them to a causal-LM head class.
 ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "deberta", "deberta-v2", "distilbert", "mpnet", "camembert")
+
+
+#: sentence-transformers' own files at the top of a model folder.
+ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def companion_files(folder: Path) -> dict[str, Path]:
+    """A sentence-transformers folder's module files (modules.json, its config, each module's folder
+    other than the transformer's own weights), relative name -> path; empty for other folders."""
+    modules = folder / "modules.json"
+    if not modules.is_file():
+        return {}
+    out = {name: folder / name for name in ST_FILES if (folder / name).is_file()}
+    try:
+        entries = json.loads(modules.read_text())
+    except (OSError, ValueError):
+        return {}
+    for e in entries if isinstance(entries, list) else []:
+        sub = folder / str(e.get("path", ""))
+        if e.get("path") and sub.is_dir():
+            out.update({p.relative_to(folder).as_posix(): p for p in sorted(sub.rglob("*")) if p.is_file()})
+    return out
 
 
 def hf_auto_class(config: Any) -> Any:

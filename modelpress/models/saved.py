@@ -18,7 +18,7 @@ from ..core.errors import ModelpressError
 from ..core.layers import install_packed_layers
 from ..core.outputs import MANIFEST
 from .archspec import detect_spec
-from .loaded import LoadedModel, hf_auto_class, read_json, try_tokenizer
+from .loaded import LoadedModel, companion_files, hf_auto_class, read_json, try_tokenizer
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -133,4 +133,5 @@ def _wrap_loaded(model: nn.Module, folder: Path, manifest: dict[str, Any]) -> Lo
     elif any(folder.glob("tokenizer*")):
         tok = try_tokenizer(str(folder))
     return LoadedModel(model, detect_spec(model), tok, str(folder), "modelpress", add_bos=bool(manifest.get("add_bos")),
-                       manifest=manifest, layer_formats=manifest.get("layers", {}), files=[folder / MANIFEST])
+                       manifest=manifest, layer_formats=manifest.get("layers", {}), files=[folder / MANIFEST],
+                       companions=companion_files(folder))

@@ -22,7 +22,7 @@ import torch
 
 from ..calib.blocks import capture_first_block_inputs
 from ..calib.data import Calibration
-from ..core.errors import ModelpressError
+from ..core.errors import EnvironmentFailure, ModelpressError
 from ..core.method import METHODS, MethodConfig, MethodEntry, StageContext, StageKind
 from ..core.progress import track
 from ..eval.size import count_params, memory_bytes, peak_rss_bytes
@@ -68,7 +68,7 @@ class Runner:
     """Runs a recipe on a loaded model in place (see the module docstring)."""
 
     def __init__(self, lm: LoadedModel, recipe: Recipe, *, calib: Calibration | None = None,
-                 train: torch.Tensor | None = None, workdir: str | Path | None = None,
+                 train: Any = None, workdir: str | Path | None = None,
                  remove_workdir_if_empty: bool = False, offload_activations: bool = False, progress: bool = True,
                  evaluation: EvalSpec | None = None, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32, rank: int = 0, world_size: int = 1,
@@ -117,12 +117,16 @@ class Runner:
         self.check()
         ctx = self._context()
         try:
-            if any(e.uses_reference for e in self.entries):
+            if any(e.uses_reference(st) for e, st in zip(self.entries, self.recipe.stages)):
                 self.reference = FloatReference.snapshot(self.lm, ctx.workdir)
                 ctx.reference = self.reference
             floats = self._float_inputs(ctx)
             for group in stage_groups(self.recipe):
                 self._run_group(group, ctx, floats)
+        except ModelpressError as e:
+            if self.folder is not None and not isinstance(e, EnvironmentFailure):
+                self.folder.close()  # refused: nothing to resume (a disk-full run keeps its checkpoints)
+            raise
         finally:
             if self.reference is not None:
                 self.reference.close()
@@ -153,7 +157,7 @@ class Runner:
     def _run_group(self, group: list[MethodConfig], ctx: StageContext, floats: Any) -> None:
         entries = [METHODS.get(st.method) for st in group]
         t0, c0 = time.perf_counter(), time.process_time()
-        n0 = len(ctx.layers)
+        n0, m0 = len(ctx.layers), len(ctx.metrics)
         kind = entries[0].kind
         if kind in BLOCK_KINDS:
             stages = [(e.block_stage(self.lm, st), st.method, e.kind == StageKind.RECONSTRUCTION)
@@ -170,7 +174,7 @@ class Runner:
         kinds = list(dict.fromkeys(e.kind.value for e in entries))  # a pass can mix blockwise and reconstruction
         self.timings.append({"stages": [st.method for st in group], "kind": "+".join(kinds),
                              "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
-                             "layers": len(ctx.layers) - n0})
+                             "layers": len(ctx.layers) - n0, "metrics": ctx.metrics[m0:]})
 
     def _blocks(self, stages: list[tuple[Any, str, bool]], ctx: StageContext, floats: Any, checkpoints: bool,
                 group: list[MethodConfig] | None = None) -> None:

@@ -1,0 +1,42 @@
+"""Training sequences from a text source, shaped for the model that learns from them.
+
+A language model trains on windows of the token stream (as calibration samples it, seeded); a
+sentence encoder on sentences, one line of the text (or one JSONL row) each, padded to a common
+length with an attention mask.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from ..calib.data import calibration_tokens
+from ..core.errors import ModelpressError
+from ..data.sources import read_documents
+from ..models.loading import LoadedModel
+from .trainer import TrainData
+
+
+def training_data(lm: LoadedModel, source: str | Path, n_samples: int, seq_len: int, seed: int = 0,
+                  language_model: bool = True) -> TrainData:
+    """``n_samples`` training sequences of at most ``seq_len`` tokens from ``source``."""
+    if lm.tokenizer is None:
+        raise ModelpressError("training needs a tokenizer, and this model has none")
+    if language_model:
+        bos = lm.tokenizer.bos_token_id if lm.add_bos else None
+        return TrainData(calibration_tokens(lm.tokenizer, source, n_samples, seq_len, seed, bos_token_id=bos))
+    return _sentences(lm, source, n_samples, seq_len, seed)
+
+
+def _sentences(lm: LoadedModel, source: str | Path, n_samples: int, seq_len: int, seed: int) -> TrainData:
+    lines = [ln.strip() for doc in read_documents(source) for ln in doc.splitlines() if ln.strip()]
+    if len(lines) < n_samples:
+        raise ModelpressError(f"training text {source} has {len(lines)} non-empty lines, fewer than the "
+                              f"{n_samples} sentences asked (lower --train-samples)")
+    random.Random(seed).shuffle(lines)
+    tok = getattr(lm.tokenizer, "tok", None)
+    if tok is None:
+        raise ModelpressError("sentence training needs a Hugging Face tokenizer")
+    enc = tok(lines[:n_samples], padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
+    return TrainData(enc["input_ids"], enc["attention_mask"].to(torch.long))
