@@ -45,8 +45,8 @@ class CTCodec(ABC):
         """The stored tensors (suffix -> tensor) of one layer."""
 
 
-#: our format tag -> codec class.
-CT_CODECS: Registry[type[CTCodec]] = Registry("compressed-tensors codec")
+#: our format tag -> codec class; codec modules anywhere in ``modelpress.export.codecs`` register here.
+CT_CODECS: Registry[type[CTCodec]] = Registry("compressed-tensors codec", packages=("modelpress.export.codecs",))
 
 
 def codec_for(fmt: WeightFormat) -> CTCodec:

@@ -24,7 +24,7 @@ simpler than llama.cpp's iterative search, same bytes format).
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import numpy as np
 import torch
@@ -55,6 +55,12 @@ class GGUFCodec:
         """(bytes, max |Δw| of rounding a derived parameter) if our grid maps exactly, else None."""
         return None
 
+    def carry(self, qt: QTensor) -> tuple[np.ndarray, float] | None:
+        """``from_qtensor``, or the carry-over another format's codec module registered for this type
+        (:data:`GGUF_CARRY`): what writers call."""
+        key = f"{self.name}:{qt.fmt.type_tag}"
+        return GGUF_CARRY.get(key)(qt) if key in GGUF_CARRY else self.from_qtensor(qt)
+
     @classmethod
     def qtype(cls):  # noqa: ANN206 - gguf is imported lazily
         import gguf
@@ -67,6 +73,12 @@ class GGUFCodec:
 
 #: GGML type name -> codec class.
 GGUF_CODECS: Registry[type[GGUFCodec]] = Registry("GGUF tensor type")
+
+#: ``"<GGML type>:<our format tag>"`` (e.g. ``"Q4_1:int_fz"``) -> a function carrying such a layer over,
+#: ``(QTensor) -> (bytes, max |Δw|) | None``. The classes here carry the ``int`` grids themselves; other
+#: formats register their carry-overs from their own modules anywhere in ``modelpress.export.codecs``.
+GGUF_CARRY: Registry[Callable[[QTensor], "tuple[np.ndarray, float] | None"]] = Registry(
+    "GGUF carry-over", packages=("modelpress.export.codecs",))
 
 
 @GGUF_CODECS.register("F32")

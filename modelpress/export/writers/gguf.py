@@ -144,7 +144,7 @@ def _carry(src: nn.Module | torch.Tensor, want: str, width: int) -> tuple[tuple[
     if isinstance(src, torch.Tensor) or want in ("F32", "F16"):
         return None, None
     if isinstance(src, QuantLinear):
-        carried = c.from_qtensor(src.qtensor())
+        carried = c.carry(src.qtensor())
         return (carried, None) if carried is not None else (None, f"{describe_format(src)} is not on {want}'s grid")
     if getattr(src, "layer_tag", None) == "sparse" and src.is_compressed_linear:
         return None, None  # float weights with zeros: quantised like any float weight
