@@ -4,11 +4,16 @@
 (hidden states plus the keyword arguments: masks, rotary tables); :class:`BlockInputs` replays them
 through a block (hooks observe) and replaces them by the block's outputs, the next block's inputs.
 The cache may live in a memory-mapped file so its pages can leave RAM.
+
+A submodule whose output is already known for every cached batch (:class:`KnownOutputs`: the
+attention once its last layer is quantised, from that layer's recorded inputs) is not run again:
+while the cache replays the block, that submodule returns the known output instead.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -33,10 +38,29 @@ class BlockInputs:
     kwargs: dict[str, Any]
     batch_size: int = 1  # samples per block forward; kwargs (masks, rotary tables) broadcast over it
     on_disk: bool = False  # hidden is a memory-mapped file: keep other activation copies out of RAM too
+    #: submodules of the current block whose outputs are known (they return those instead of running);
+    #: the engine clears it whenever a stage may change the block
+    known: dict[nn.Module, "KnownOutputs"] = field(default_factory=dict)
 
     def batches(self) -> Iterator[torch.Tensor]:
         for s in range(0, self.hidden.shape[0], self.batch_size):
             yield self.hidden[s:s + self.batch_size]
+
+    def forget_known(self) -> None:
+        """Drop every known submodule output (the block is about to change)."""
+        self.known.clear()
+
+    @contextmanager
+    def _substituted(self) -> Iterator[list[int]]:
+        """While active, each known submodule returns its output for batch ``cursor[0]``."""
+        cursor = [0]
+        for module, known in self.known.items():
+            module.forward = known.substitute(cursor)  # an instance attribute shadows the class's forward
+        try:
+            yield cursor
+        finally:
+            for module in self.known:
+                module.__dict__.pop("forward", None)
 
     def run(self, block: nn.Module, stop_after: nn.Module | None = None, max_batches: int | None = None,
             *, stop_before: nn.Module | None = None, record: nn.Module | None = None) -> "SubInputs | None":
@@ -61,14 +85,16 @@ class BlockInputs:
             handles.append(stop_after.register_forward_hook(_raise_stop))
         n_batches = 0
         try:
-            for b, x in enumerate(self.batches()):
-                if max_batches is not None and b >= max_batches:
-                    break
-                n_batches += 1
-                try:
-                    block(x, **self.kwargs)
-                except _Stop:
-                    pass
+            with self._substituted() as cursor:
+                for b, x in enumerate(self.batches()):
+                    if max_batches is not None and b >= max_batches:
+                        break
+                    n_batches += 1
+                    cursor[0] = b
+                    try:
+                        block(x, **self.kwargs)
+                    except _Stop:
+                        pass
         finally:
             for h in handles:
                 h.remove()
@@ -77,16 +103,21 @@ class BlockInputs:
     def outputs(self, block: nn.Module) -> torch.Tensor:
         """``block``'s outputs for every cached sample, (n_samples, seq, hidden); the cache is unchanged."""
         out = torch.empty_like(self.hidden)
-        for s in range(0, self.hidden.shape[0], self.batch_size):
-            y = block(self.hidden[s:s + self.batch_size], **self.kwargs)
-            out[s:s + self.batch_size] = y[0] if isinstance(y, tuple) else y
+        with self._substituted() as cursor:
+            for b, s in enumerate(range(0, self.hidden.shape[0], self.batch_size)):
+                cursor[0] = b
+                y = block(self.hidden[s:s + self.batch_size], **self.kwargs)
+                out[s:s + self.batch_size] = y[0] if isinstance(y, tuple) else y
         return out
 
     def propagate(self, block: nn.Module) -> None:
         """Replace the cached inputs by ``block``'s outputs (inputs of the next block)."""
-        for s in range(0, self.hidden.shape[0], self.batch_size):
-            out = block(self.hidden[s:s + self.batch_size], **self.kwargs)
-            self.hidden[s:s + self.batch_size] = out[0] if isinstance(out, tuple) else out
+        with self._substituted() as cursor:
+            for b, s in enumerate(range(0, self.hidden.shape[0], self.batch_size)):
+                cursor[0] = b
+                out = block(self.hidden[s:s + self.batch_size], **self.kwargs)
+                self.hidden[s:s + self.batch_size] = out[0] if isinstance(out, tuple) else out
+        self.forget_known()  # they were this block's
 
 
 @dataclass
@@ -100,21 +131,77 @@ class SubInputs:
 
     calls: list[tuple[tuple, dict]]
 
-    def run(self, module: nn.Module, *, stop_before: nn.Module | None = None) -> None:
-        """Call ``module`` on every recorded input (hooks observe; outputs dropped)."""
-        handle = stop_before.register_forward_pre_hook(_raise_stop) if stop_before is not None else None
+    def run(self, module: nn.Module, *, stop_before: nn.Module | None = None,
+            check_last: nn.Module | None = None) -> Callable[[torch.Tensor], Any] | None:
+        """Call ``module`` on every recorded input (hooks observe; outputs dropped).
+
+        ``check_last`` (a layer inside ``module``, usually ``stop_before``): the first call runs to
+        the end to see whether ``module`` returns exactly that layer's output (alone, or first in a
+        tuple whose other items are None). If so the answer rebuilds ``module``'s return value
+        around a tensor (see :class:`KnownOutputs`); otherwise it is None.
+        """
+        seen: dict[str, Any] = {}
+        handles = []
+        if check_last is not None:
+            handles.append(check_last.register_forward_hook(lambda _m, _a, out: seen.setdefault("last", out)))
+            handles.append(module.register_forward_hook(lambda _m, _a, out: seen.setdefault("out", out)))
         try:
-            for args, kwargs in self.calls:
+            for k, (args, kwargs) in enumerate(self.calls):
+                if stop_before is not None and k == (check_last is not None):  # after the checked call
+                    handles.append(stop_before.register_forward_pre_hook(_raise_stop))
                 try:
                     module(*args, **kwargs)
                 except _Stop:
                     pass
         finally:
-            if handle is not None:
-                handle.remove()
+            for h in handles:
+                h.remove()
+        return _rebuild_if_last(seen.get("out"), seen.get("last")) if check_last is not None else None
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for a, _ in self.calls for t in a if torch.is_tensor(t))
+
+
+@dataclass
+class KnownOutputs:
+    """A submodule's output for every cached batch, known without running the submodule.
+
+    Valid when the submodule returns its last layer's output (checked by :meth:`SubInputs.run`)
+    and nothing inside it changes any more: its output for batch ``b`` is then ``last(inputs[b])``,
+    one layer instead of the whole submodule (the attention once ``o_proj`` is quantised, the MLP
+    once ``down_proj`` is). The layer is looked up by name at use (it may have been replaced by its
+    compressed version), and each output, computed on first use, replaces the input kept for it.
+    """
+
+    parent: nn.Module  # the submodule whose forward is substituted
+    last: str  # its last layer, relative to ``parent``
+    values: list[torch.Tensor]  # per batch: the last layer's input, then its output once computed
+    rebuild: Callable[[torch.Tensor], Any]  # the submodule's return value around an output
+    computed: list[bool] = field(default_factory=list)
+
+    def output(self, b: int) -> Any:
+        if not self.computed:
+            self.computed = [False] * len(self.values)
+        if not self.computed[b]:
+            self.values[b] = self.parent.get_submodule(self.last)(self.values[b])
+            self.computed[b] = True
+        return self.rebuild(self.values[b].clone())  # a fresh tensor each call, as a real forward gives
+
+    def substitute(self, cursor: list[int]) -> Callable[..., Any]:
+        """A forward that ignores its arguments and returns the output of batch ``cursor[0]``."""
+        return lambda *_a, **_kw: self.output(cursor[0])
+
+
+def _rebuild_if_last(out: Any, last: Any) -> Callable[[torch.Tensor], Any] | None:
+    """How to rebuild ``out`` around another tensor, when ``out`` is ``last`` (or ``(last, None, ...)``)."""
+    if not torch.is_tensor(last):
+        return None
+    if out is last:
+        return lambda y: y
+    if isinstance(out, tuple) and out and out[0] is last and all(o is None for o in out[1:]):
+        n = len(out)
+        return lambda y: (y,) + (None,) * (n - 1)
+    return None
 
 
 def _raise_stop(*_: Any) -> None:

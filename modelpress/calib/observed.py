@@ -5,20 +5,24 @@ ArchSpec's true-sequential order, or all at once), run the cached calibration in
 group's last layer while hooks feed one accumulator per *input set* (q/k/v read one tensor: one
 accumulator, one Hessian), then hand each set and its statistics to the method. Only the
 accumulator and the per-set step differ, so the engine-side tricks live here once: stopping the
-pass before the last hooked layer, and replaying only the attention or MLP submodule from
-recorded inputs when consecutive groups sit inside it.
+pass before the last hooked layer, replaying only the attention or MLP submodule from recorded
+inputs when consecutive groups sit inside it, and, once a replayed submodule's last layer is done
+(``o_proj``, ``down_proj``), keeping that submodule's outputs (:class:`~.blocks.KnownOutputs`) so
+the next pass and the engine's propagation do not compute it again. With LLaMA's true-sequential
+order every part of a block is then computed once per block instead of about 3.3 times.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
 import torch.nn as nn
 
 from ..core.method import RunContext
 from ..models.archspec import ArchSpec
 from ..models.loading import LoadedModel
 from ..models.selection import layer_weight
-from .blocks import BlockInputs, SubInputs, common_ancestor, last_module
+from .blocks import BlockInputs, KnownOutputs, SubInputs, common_ancestor, last_module
 from .capture import capture_inputs
 
 #: (loaded model, {layer name: module} of one input set, the set's accumulator, context) -> None
@@ -72,9 +76,20 @@ class ObservedBlockStage:
             sets = shared_input_sets(lm.spec, prefix, group)
             accs = {s[0]: self.make_acc(layer_weight(s[0], mods[s[0]]).shape[1]) for s in sets}
             stop = last_module(block, [mods[n] for n in accs])
-            with capture_inputs({n: mods[n] for n in accs}, lambda n, x: accs[n].update(x.float())):
-                if replay is not None and _inside(replay[0], group):
-                    replay[2].run(replay[1], stop_before=stop)  # e.g. only the MLP, not the whole block
+            replaying = replay is not None and _inside(replay[0], group)
+            # the group's one layer may be the replayed submodule's last: keep its inputs to know the outputs
+            last = group[0] if replaying and len(group) == 1 and _final(replay[0], groups[k + 1:]) else None
+            kept: list[torch.Tensor] = []
+            rebuild = None
+
+            def sink(n: str, x: torch.Tensor) -> None:
+                accs[n].update(x.float())
+                if n == last:
+                    kept.append(x.detach())
+
+            with capture_inputs({n: mods[n] for n in accs}, sink):
+                if replaying:  # e.g. only the MLP, not the whole block
+                    rebuild = replay[2].run(replay[1], stop_before=stop, check_last=mods[last] if last else None)
                 else:
                     nxt = groups[k + 1] if k + 1 < len(groups) else []
                     target = _replay_target(lm, block, prefix, group + nxt, inputs) if nxt else None
@@ -82,8 +97,15 @@ class ObservedBlockStage:
                     replay = (*target, sub) if target and sub is not None else None
             for s in sets:  # the accumulator is dropped as soon as its set is done (a Hessian is large)
                 self.apply_set(lm, {n: mods[n] for n in s}, accs.pop(s[0]), ctx)
+            if last and rebuild is not None and len(kept) == len(replay[2].calls):
+                inputs.known[replay[1]] = KnownOutputs(replay[1], last[len(replay[0]) + 1:], kept, rebuild)
             if replay is not None and not _inside(replay[0], group):
                 replay = None  # a layer outside the recorded module changed: its inputs are stale
+
+
+def _final(parent: str, later: list[list[str]]) -> bool:
+    """No later group changes a layer inside ``parent`` (its outputs may then be kept)."""
+    return not any(n.startswith(parent + ".") for g in later for n in g)
 
 
 def _inside(parent: str, names: list[str]) -> bool:

@@ -17,7 +17,8 @@ import torch.nn as nn
 from ..core.errors import ModelpressError
 from ..core.outputs import MANIFEST
 from .archspec import detect_spec
-from .loaded import LoadedModel, hf_auto_class, model_files, read_json, try_tokenizer  # noqa: F401  (public here too)
+from .loaded import (LoadedModel, companion_files, hf_auto_class, model_files, read_json,  # noqa: F401
+                     try_tokenizer)
 from .tokenizers import HFTokenizer, Llama2cTextTokenizer
 
 #: Weight files that need pickle to read: refused (loading one can run arbitrary code).
@@ -169,7 +170,8 @@ def _load_hf(where: str, src: str, dtype: torch.dtype, trust_remote_code: bool) 
     module.eval()
     files = model_files(Path(where)) if local else []
     return LoadedModel(module, detect_spec(module), tok, src, "hf", files=files,
-                       revision=None if local else getattr(config, "_commit_hash", None))
+                       revision=None if local else getattr(config, "_commit_hash", None),
+                       companions=companion_files(Path(where)) if local else {})
 
 
 def check_loading_info(src: str, info: dict[str, Any]) -> None:
@@ -192,14 +194,151 @@ def _load_gguf(path: Path, src: str, dtype: torch.dtype) -> LoadedModel:
     if not path.is_file():
         raise ModelpressError(f"model path not found: {src}")
     try:
-        module = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        direct = _load_gguf_direct(path, dtype)
+        if direct is not None:
+            module, tok = direct
+        else:
+            module = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                       dtype=dtype)
+            tok = try_tokenizer(str(path.parent), gguf_file=path.name)
     except ImportError as e:
         raise ModelpressError(f"loading GGUF needs the 'gguf' extra: pip install 'modelpress[gguf]' ({e})") from e
     except (OSError, ValueError) as e:
         raise ModelpressError(f"cannot load GGUF {src}: {str(e).splitlines()[0]}") from e
-    tok = try_tokenizer(str(path.parent), gguf_file=path.name)
     module.eval()
     return LoadedModel(module, detect_spec(module), tok, src, "gguf", files=[path])
+
+
+#: GGUF architectures whose transformers config is a plain rename of the file's metadata (no
+#: architecture-specific fix-ups in transformers' GGUF loader): :func:`_load_gguf_direct` reads them.
+PLAIN_GGUF_ARCHS = ("llama", "qwen2", "qwen3")
+
+
+def _load_gguf_direct(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any] | None:
+    """A plain-architecture GGUF read once, each tensor dequantised straight into its parameter.
+
+    transformers' GGUF loader parses the whole metadata (a 49k-entry vocabulary and merge table
+    included) with gguf-py's reader three times (config, weights, tokenizer: ~25 of SmolLM2's ~40
+    CPU seconds) and keeps every dequantised tensor beside the model until it is copied in (a
+    second fp32 copy at the peak). This path builds the same config, weights (bit for bit: the
+    same gguf-py dequantisers and transformers tensor processors) and tokenizer from transformers'
+    header-only GGUF reader, its metadata renames and its name maps. None: not a plain
+    architecture, or this transformers has no such reader (the caller uses transformers' loader).
+
+    Example:
+        >>> module, tok = _load_gguf_direct(resolve_bundled("bundled:smollm2-135m-instruct"), torch.float32)  # doctest: +SKIP
+    """
+    try:
+        import transformers
+        from transformers.initialization import no_init_weights
+        from transformers.integrations.gguf import GgufHeader, read_gguf_metadata
+        from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING, TokenizersBackend
+    except ImportError:
+        return None
+    metadata, tensor_names = read_gguf_metadata(str(path))
+    cfg = _gguf_config_dict(metadata, tensor_names)
+    # the tokenizer class AutoTokenizer picks for a GGUF (it has no tokenizer_config.json)
+    tok_class = TOKENIZER_MAPPING.get(transformers.CONFIG_MAPPING[cfg["model_type"]], TokenizersBackend) if cfg else None
+    if cfg is None or tok_class is None or tok_class.__name__ == "MistralCommonBackend":
+        return None
+    config = transformers.CONFIG_MAPPING[cfg["model_type"]].from_dict(cfg)
+    config.name_or_path = str(path.parent)
+    with no_init_weights():  # every parameter is written below
+        module = hf_auto_class(config).from_config(config, dtype=dtype)
+    module.tie_weights()
+    _fill_from_gguf(module, GgufHeader.from_file(str(path)), cfg)
+    module.config.quantization_config = transformers.GgufConfig(gguf_file=path.name)  # as transformers marks it
+    tok = tok_class.from_pretrained(str(path.parent), gguf_file=path.name)
+    return module, HFTokenizer(tok)
+
+
+def _gguf_config_dict(metadata: dict[str, Any], tensor_names: tuple[str, ...]) -> dict[str, Any] | None:
+    """transformers' config dict for a plain-architecture GGUF (its legacy loader's renames), else None."""
+    from transformers.integrations import GGUF_CONFIG_MAPPING
+
+    arch = metadata.get("general.architecture")
+    if arch not in PLAIN_GGUF_ARCHS or arch not in GGUF_CONFIG_MAPPING or metadata.get("general.name") == "mistral":
+        return None  # (transformers reads a llama file named exactly "mistral" as a Mistral)
+    cfg: dict[str, Any] = {"tie_word_embeddings": "output.weight" not in tensor_names}
+    for key, value in metadata.items():
+        prefix, _, rest = key.partition(".")
+        rename = GGUF_CONFIG_MAPPING.get(prefix, {}).get(rest)
+        if rename is not None and rename != -1:
+            cfg[rename] = value
+    if "vocab_size" not in cfg and isinstance(metadata.get("tokenizer.ggml.tokens"), int):
+        cfg["vocab_size"] = metadata["tokenizer.ggml.tokens"]  # (the reader counts string arrays)
+    return cfg if cfg.get("model_type") == arch else None
+
+
+def _fill_from_gguf(module: nn.Module, header: Any, cfg: dict[str, Any]) -> None:
+    """Dequantise every GGUF tensor into the parameter it maps to (one tensor's temporaries at a time)."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+    processor = TENSOR_PROCESSORS.get(cfg["model_type"], TensorProcessor)(config=cfg)
+    names = _gguf_to_hf_names(module, cfg["model_type"], cfg["num_hidden_layers"], processor)
+    params = module.state_dict()  # name -> tensor sharing the parameter's storage
+    blob = np.memmap(header.path, mode="r", dtype=np.uint8)
+    filled: set[int] = set()
+    for info in header.tensors:
+        if info.name not in names:
+            continue  # (transformers skips them too: e.g. rope frequencies llama.cpp precomputes)
+        qtype = GGMLQuantizationType(info.ggml_type)
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        start = header.data_start + info.offset
+        raw = blob[start:start + info.nbytes].view(np.ndarray)  # (a plain array: memmap views are slow to slice)
+        raw = raw.reshape(*info.shape[:-1], info.shape[-1] // block * type_size)
+        w = _dequantize(raw, qtype, info.shape)  # (*shape) float
+        w = processor.process(weights=w, name=info.name).weights
+        dst = params[names[info.name]]
+        if tuple(dst.shape) != tuple(w.shape):
+            raise ValueError(f"GGUF tensor {info.name} has shape {tuple(w.shape)}, the model expects {tuple(dst.shape)}")
+        np.copyto(dst.detach().numpy(), w, casting="unsafe")
+        filled.add(dst.data_ptr())
+    missing = [n for n, t in params.items() if t.data_ptr() not in filled]
+    if missing:
+        raise ValueError(f"the GGUF file has no tensor for {', '.join(missing[:3])}")
+
+
+def _dequantize(raw: Any, qtype: Any, shape: tuple[int, ...]) -> Any:
+    """One tensor's float values (numpy) from its GGUF bytes (rows, row bytes), as gguf-py computes them.
+
+    Q4_0 / Q4_1 / Q8_0 go through transformers' torch dequantiser (the same float32 products and
+    sums as gguf-py's, about 10x faster than its row-group loop); every other type through gguf-py.
+    """
+    import numpy as np
+    from gguf import GGMLQuantizationType as T, dequantize
+
+    if qtype in (T.Q4_0, T.Q4_1, T.Q8_0):
+        try:
+            from transformers.integrations.gguf.dequant import dequantize as torch_dequantize
+
+            return torch_dequantize(torch.from_numpy(np.array(raw)).reshape(-1), int(qtype)).reshape(shape).numpy()
+        except ImportError:
+            pass
+    floats = {T.F32: np.float32, T.F16: np.float16}
+    return dequantize(raw.view(floats[qtype]) if qtype in floats else raw, qtype)
+
+
+def _gguf_to_hf_names(module: nn.Module, arch: str, n_layers: int, processor: Any) -> dict[str, str]:
+    """GGUF tensor name -> parameter name, by gguf-py's name map (as transformers' loader maps them)."""
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+
+    name_map = get_tensor_name_map(next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch), n_layers)
+    out: dict[str, str] = {}
+    for hf_name in module.state_dict():
+        name, suffix = processor.preprocess_name(hf_name), ""
+        if name.endswith((".weight", ".bias")):
+            name, suffix = name.rsplit(".", 1)
+            suffix = "." + suffix
+        parts = name.split(".")
+        for k in range(len(parts)):  # the full name, then without its leading modules (a submodule's view)
+            gguf_name = name_map.get_name(".".join(parts[k:]))
+            if gguf_name is not None:
+                out.setdefault(gguf_name + suffix, hf_name)
+                break
+    return out
 
 
 def _load_llama2c(path: Path, src: str) -> LoadedModel:

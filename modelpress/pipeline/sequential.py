@@ -180,6 +180,7 @@ def run_sequential(lm: LoadedModel, stages: list[tuple[BlockStage, str] | tuple[
         targets = floats.outputs(reference.block(i)) if floats is not None else None  # (n, seq, hidden)
         with cached_dequant():
             for stage, _name, want in stages3:
+                inputs.forget_known()  # outputs a stage kept stay valid only until another stage runs
                 if want:
                     stage.process_block(lm, i, blocks[i], f"{prefix}.{i}", inputs, ctx, targets)
                 else:
