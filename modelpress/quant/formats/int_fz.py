@@ -18,10 +18,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import field_validator
 
 from ..granularity import PerGroup, group_layout
-from .base import FORMATS, Params, WeightFormat
+from .base import FORMATS, Params
+from .integer import IntegerGrid
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 FloatName = Literal["float16", "bfloat16", "float32"]
@@ -35,7 +35,7 @@ _ON_GRID_TOL = 0.01
 
 
 @FORMATS.register("int_fz")
-class FloatZeroIntFormat(WeightFormat):
+class FloatZeroIntFormat(IntegerGrid):
     """Asymmetric integer grid whose zero point is a float: ``w = (code - zero) * scale``.
 
     Fields:
@@ -58,26 +58,8 @@ class FloatZeroIntFormat(WeightFormat):
     """
 
     type: Literal["int_fz"] = "int_fz"
-    bits: int
     scale_dtype: FloatName = "float16"
     zero_dtype: FloatName = "float16"
-
-    @field_validator("bits")
-    @classmethod
-    def _bits_in_range(cls, v: int) -> int:
-        if not 2 <= v <= 8:
-            raise ValueError(f"int_fz format supports 2..8 bits, got {v}")
-        return v
-
-    @property
-    def code_bits(self) -> int:  # type: ignore[override]
-        """One code per value, ``bits`` wide."""
-        return self.bits
-
-    @property
-    def qmax(self) -> int:
-        """Largest code, ``2**bits - 1``."""
-        return (1 << self.bits) - 1
 
     @property
     def exact_zero(self) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import field_validator
+from pydantic import model_validator
 
 from .base import FORMATS, Params, WeightFormat
 
@@ -23,8 +23,31 @@ _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32"
 _MSE_SHRINKS = tuple(1.0 - i / 100 for i in range(80))
 
 
+class IntegerGrid(WeightFormat):
+    """What every ``bits``-wide integer code grid shares (the code width and its range); the
+    zero point's type is the subclass's."""
+
+    bits: int
+
+    @model_validator(mode="after")
+    def _bits_in_range(self) -> "IntegerGrid":
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"{self.type} format supports 2..8 bits, got {self.bits}")
+        return self
+
+    @property
+    def code_bits(self) -> int:  # type: ignore[override]
+        """One code per value, ``bits`` wide (per instance, unlike fixed-width formats)."""
+        return self.bits
+
+    @property
+    def qmax(self) -> int:
+        """Largest code, ``2**bits - 1``."""
+        return (1 << self.bits) - 1
+
+
 @FORMATS.register("int")
-class IntFormat(WeightFormat):
+class IntFormat(IntegerGrid):
     """Round-to-nearest integer grid with one scale (and zero point) per granularity unit.
 
     Fields:
@@ -51,27 +74,9 @@ class IntFormat(WeightFormat):
     """
 
     type: Literal["int"] = "int"
-    bits: int
     symmetric: bool = True
     mse_clip: bool = False
     scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
-
-    @field_validator("bits")
-    @classmethod
-    def _bits_in_range(cls, v: int) -> int:
-        if not 2 <= v <= 8:
-            raise ValueError(f"int format supports 2..8 bits, got {v}")
-        return v
-
-    @property
-    def code_bits(self) -> int:  # type: ignore[override]
-        """One code per value, ``bits`` wide (per instance, unlike fixed-width formats)."""
-        return self.bits
-
-    @property
-    def qmax(self) -> int:
-        """Largest code, ``2**bits - 1``."""
-        return (1 << self.bits) - 1
 
     @property
     def mid(self) -> int:
