@@ -35,6 +35,7 @@ from pydantic import Field, model_validator
 from ..core.config import Config
 from ..core.errors import ModelpressError
 from ..core.progress import progress_enabled
+from ..quant.fake import pack_after_training, unpack_for_training
 from .losses import Batch
 
 #: (the model being trained, a batch) -> (loss to minimise, number of tokens it covered)
@@ -87,11 +88,16 @@ class TrainConfig(Config):
 
 @dataclass
 class TrainData:
-    """Training sequences: ids (N, L), optional mask of real tokens (N, L) and aligned labels (N, L)."""
+    """Training sequences: ids (N, L), optional mask of real tokens (N, L) and aligned labels (N, L);
+    ``source``: the text they were cut from, when known (a stage may read its documents again)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor | None = None
     labels: torch.Tensor | None = None
+    source: str | None = None
+    #: right-padded sequences (sentences padded to a common length): a batch drops the trailing
+    #: columns that are padding in all its rows, so a 16-token sentence padded to 256 costs 16, not 256
+    trim_padding: bool = False
 
     def __post_init__(self) -> None:
         if self.input_ids.dim() != 2 or self.input_ids.shape[0] == 0:
@@ -103,8 +109,16 @@ class TrainData:
 
     def batch(self, idx: torch.Tensor) -> Batch:
         """The sequences ``idx`` (their indices ride along in ``extra["index"]`` for cached teachers)."""
-        pick = lambda t: None if t is None else t[idx]  # noqa: E731
-        return Batch(self.input_ids[idx], pick(self.attention_mask), pick(self.labels), {"index": idx})
+        width = self._width(idx)
+        pick = lambda t: None if t is None else t[idx, :width]  # noqa: E731
+        return Batch(pick(self.input_ids), pick(self.attention_mask), pick(self.labels), {"index": idx})
+
+    def _width(self, idx: torch.Tensor) -> int:
+        """Columns a batch needs: all of them, or up to its last real token when trimming padding."""
+        if not self.trim_padding or self.attention_mask is None:
+            return int(self.input_ids.shape[1])
+        real = self.attention_mask[idx].bool().any(0).nonzero()  # (columns holding a real token, 1)
+        return int(real.max()) + 1 if real.numel() else 1
 
     def tokens(self, idx: torch.Tensor) -> int:
         return int(self.attention_mask[idx].sum()) if self.attention_mask is not None else int(idx.numel() * self.input_ids.shape[1])
@@ -178,13 +192,18 @@ class Trainer:
         self.signature = {**(signature or {}), "train": cfg.to_dict(), "world_size": world,
                           "data": _digest(data.input_ids)}
         self.description, self.progress = description, progress and progress_enabled()
+        # quantised layers train through their fake-quantised form, packed back when training ends
+        self.fake_quantised = unpack_for_training(model)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ModelpressError("nothing to train: the model has no trainable parameters")
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
+        # the fused kernel: torch's default on CPU is a per-tensor loop, several times slower (MiniLM-L6's
+        # 17M parameters: 0.26 s vs 0.02 s a step; SmolLM2-135M: ~1 s vs ~0.2 s)
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas,
+                                fused=all(p.is_floating_point() for p in params) or None)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.schedule, self.total, cfg.warmup))
         # the schedule is stepped here, once per optimizer step: accelerate's wrapper would step it once
         # per process (it assumes each process sees 1/N of the batches), racing the warm-up under DDP
@@ -231,6 +250,8 @@ class Trainer:
         self.model.eval()
         acc.wait_for_everyone()
         self._clear_checkpoint()
+        if self.fake_quantised:
+            pack_after_training(self.raw_model)
         return TrainResult(step, tokens, time.perf_counter() - t0, time.process_time() - c0, losses, evals,
                            start, acc.num_processes)
 

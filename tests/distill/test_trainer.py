@@ -139,3 +139,34 @@ def test_two_process_ddp_follows_the_one_process_curve(tmp_path, procs):
     assert max(abs(x - y) / abs(x) for x, y in zip(la, lb)) < 1e-4, (la, lb)
     wa, wb = torch.tensor(a["final_weights"]), torch.tensor(b["final_weights"])
     assert torch.allclose(wa, wb, rtol=1e-4, atol=1e-5)
+
+
+def test_quantised_layers_train_through_their_grid_and_pack_back_exactly():
+    """A QuantLinear trains as fake-quantised float weights on its own stored grid; afterwards it is
+    packed again with the same scales/zeros, and its outputs equal the fake-quantised layer's."""
+    from modelpress.quant.fake import FakeQuantLinear
+    from modelpress.quant.formats import format_from_dict
+    from modelpress.quant.qlinear import QuantLinear
+
+    model = make_tiny_llama(seed=4, layers=1)
+    fmt = format_from_dict({"type": "int", "bits": 3, "granularity": 32, "symmetric": False})
+    mlp = model.model.layers[0].mlp
+    mlp.down_proj = QuantLinear.from_linear_weight(fmt.quantize(mlp.down_proj.weight), None)
+    before = mlp.down_proj.qtensor()
+    seen: list[torch.Tensor] = []
+
+    def step(m, batch):  # records the fake-quantised layer's forward weight at each step
+        layer = m.model.layers[0].mlp.down_proj
+        assert isinstance(layer, FakeQuantLinear) and layer.weight.requires_grad
+        seen.append(layer.quantized_weight().detach().clone())
+        return ce_step(m, batch)
+
+    Trainer(model, step, data(), TrainConfig(steps=6, batch_size=8, lr=5e-2), progress=False).train()
+    after = model.model.layers[0].mlp.down_proj
+    assert isinstance(after, QuantLinear)
+    for k, v in before.params.items():  # the grid is the layer's own: parameters unchanged
+        assert torch.equal(after.qtensor().params[k], v), k
+    assert not torch.equal(after.qtensor().codes, before.codes), "training moved some weights across grid points"
+    assert torch.equal(seen[0], before.dequantize())  # training started from the packed layer's weight
+    w = after.dequantized_weight()
+    assert torch.equal(fmt.quantize(w, stored=before.params).dequantize(), w)  # on the grid

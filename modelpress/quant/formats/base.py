@@ -146,13 +146,17 @@ class WeightFormat(Config, ABC):
             w = torch.nn.functional.pad(w, (0, n * g - in_f))
         return w.reshape(out_f, n, g)
 
-    def quantize(self, w: torch.Tensor, params: Params | None = None) -> "QTensor":
-        """Round-to-nearest quantisation of a 2-D weight (out, in)."""
+    def quantize(self, w: torch.Tensor, params: Params | None = None, stored: Params | None = None) -> "QTensor":
+        """Round-to-nearest quantisation of a 2-D weight (out, in); on the grid of ``stored``
+        parameters when given (kept as they are: a trained fake-quantised layer packed back),
+        else of compute ``params`` when given (stored first), else fitted here."""
         if w.dim() != 2:
             raise ModelpressError(f"{self.type} expects a 2-D weight, got shape {tuple(w.shape)}")
         wf = w.detach().to(torch.float32)
         wg = self.grouped(wf)
-        if params is None:  # tensor-wide parameters first, then every group under them
+        if stored is not None:
+            pass
+        elif params is None:  # tensor-wide parameters first, then every group under them
             plan = self.plan(wg)
             stored = plan.store(plan.fit(wg))
         else:  # parameters the caller fitted (e.g. HQQ's optimised zero points)
@@ -178,7 +182,7 @@ class WeightFormat(Config, ABC):
         q = self.decode(self.encode(wg.detach(), params), params)
         q = q.reshape(q.shape[0], -1) if not isinstance(self.granularity, PerTensor) else q.reshape(w.shape[0], -1)
         q = q[:, : w.shape[1]].to(w.dtype)
-        return w + (q - w).detach()
+        return q + (w - w.detach())  # exactly q forward (w + (q - w) can miss it by an ulp), gradient 1
 
     @property
     def type_tag(self) -> str:
