@@ -55,12 +55,12 @@ def sample_windows(ids: torch.Tensor, n_samples: int, seq_len: int, seed: int = 
 
 def calibration_tokens(tokenizer: Any, source: str | Path, n_samples: int = 128, seq_len: int = 2048,
                        seed: int = 0, text_field: str = "text", bos_token_id: int | None = None,
-                       chat: bool = False) -> torch.Tensor:
-    """(n_samples, seq_len) token ids for calibration.
+                       chat: bool = False, role: str = "calib") -> torch.Tensor:
+    """(n_samples, seq_len) token ids for calibration (``role`` "calib") or training ("train").
 
     Documents are tokenised, joined and cut into windows; too little text is an error that says how
-    much there is, rather than silently repeating tokens. ``chat`` wraps each document as a user
-    turn with the tokenizer's chat template.
+    much there is, and which options ask for less (``--{role}-samples``), rather than silently
+    repeating tokens. ``chat`` wraps each document as a user turn with the tokenizer's chat template.
     """
     if str(source).endswith(".safetensors"):
         return pretokenized(source, n_samples, seq_len)
@@ -77,8 +77,9 @@ def calibration_tokens(tokenizer: Any, source: str | Path, n_samples: int = 128,
             break
     t = torch.tensor(ids, dtype=torch.long)
     if t.numel() < n_samples * seq_len:
-        raise ModelpressError(f"calibration source {source} has {t.numel()} tokens; {n_samples} x {seq_len} "
-                              f"= {n_samples * seq_len} asked (lower --calib-samples / --calib-seq-len)")
+        what = "training text" if role == "train" else "calibration source"
+        raise ModelpressError(f"{what} {source} has {t.numel()} tokens; {n_samples} x {seq_len} "
+                              f"= {n_samples * seq_len} asked (lower --{role}-samples / --{role}-seq-len)")
     win = sample_windows(t, n_samples, seq_len - (1 if bos_token_id is not None else 0), seed)
     if bos_token_id is not None:
         win = torch.cat([torch.full((n_samples, 1), bos_token_id, dtype=torch.long), win], dim=1)

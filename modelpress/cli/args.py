@@ -53,12 +53,43 @@ def thread_count(text: str) -> int:
     return v
 
 
-def positive_float(text: str) -> float:
-    """A finite number > 0 (prices)."""
+def _float(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
-    if not math.isfinite(v) or v <= 0:
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (prices, temperatures)."""
+    v = _float(text)
+    if v <= 0:
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
+def probability(text: str) -> float:
+    """A number in (0, 1] (top-p, a similarity threshold)."""
+    v = _float(text)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return v
+
+
+def share(text: str) -> float:
+    """A fraction in [0, 1) (of samples to drop)."""
+    v = _float(text)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return v
+
+
+def log_probability(text: str) -> float:
+    """A log-probability: a finite number <= 0."""
+    v = _float(text)
+    if v > 0:
+        raise argparse.ArgumentTypeError(f"a log-probability is <= 0, got {text}")
     return v

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from rich.table import Table
 from ..core.errors import ModelpressError
 from .output import write_json
 
-console = Console(file=sys.stderr)
+console = Console(stderr=True)  # sys.stderr as it is at each write, not at import
 
 
 def _eval_kwargs(args: argparse.Namespace, prefix: str = "") -> dict[str, Any]:

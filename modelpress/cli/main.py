@@ -93,9 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     from . import bench_cmd
 
     bench_cmd.add_parser(sub)
-    from . import export_cmd
+    from . import export_cmd, generate_cmd
 
     export_cmd.add_parser(sub)
+    generate_cmd.add_parser(sub)
     return ap
 
 

@@ -122,7 +122,8 @@ def format_validation_error(err: ValidationError, prefix: str = "", sep: str = "
         if msg.startswith("Value error, @"):
             # a nested error from ``tagged``: "sub.path: message" (possibly several, ';'-joined)
             inner = msg[len("Value error, @"):]
-            parts.extend(f"{path}.{item}" if path else item for item in inner.split(_NESTED_SEP))
+            parts.extend(f"{path}{item}" if item.startswith("[") else f"{path}.{item}" if path else item
+                         for item in inner.split(_NESTED_SEP))
             continue
         msg = msg.removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
@@ -156,6 +157,12 @@ def tagged(registry: "Registry[Any]", key: str, to_cls: Callable[[Any], type] = 
         try:
             return cls.model_validate(v)
         except ValidationError as e:
-            raise ValueError("@" + format_validation_error(e, sep=_NESTED_SEP)) from None
+            raise nested_error(e) from None
 
     return validate
+
+
+def nested_error(err: ValidationError) -> ValueError:
+    """``err`` re-raised from inside a validator, keeping its paths: :func:`format_validation_error`
+    splices them into the outer path (``stages[0]`` + ``losses[0].alpha``)."""
+    return ValueError("@" + format_validation_error(err, sep=_NESTED_SEP))

@@ -109,6 +109,8 @@ class StageContext:
         layers, warnings: the report the stage fills.
         workdir: the run's own folder, where a resumable stage may keep checkpoints.
         source_id: content digest of the model's source (part of checkpoint signatures).
+        recipe: the whole recipe as a dict (part of checkpoint signatures: a stage's result depends
+            on the stages before it, not only on its own config).
     """
 
     calib: torch.Tensor | None = None
@@ -117,6 +119,7 @@ class StageContext:
     warnings: list[str] = field(default_factory=list)
     workdir: str | None = None
     source_id: str | None = None
+    recipe: dict[str, Any] | None = None
     offload_activations: bool = False
     train: torch.Tensor | None = None
     reference: Any = None
@@ -146,7 +149,12 @@ RunContext = StageContext
 
 
 class BlockStage(Protocol):
-    """A calibrated stage: compresses one block given its cached inputs."""
+    """A calibrated stage: compresses one block given its cached inputs.
+
+    Optional: ``restore_block(lm, index, block)``, for a stage that changes more than a block's
+    tensors (sizes its modules or the config cache); a resumed run calls it on each block rebuilt
+    from its checkpoint.
+    """
 
     def process_block(self, lm: "LoadedModel", index: int, block: "nn.Module", prefix: str,
                       inputs: "BlockInputs", ctx: StageContext) -> None: ...

@@ -3,8 +3,9 @@
 An output is built in a hidden temporary entry beside it (``.NAME.tmp-PID-TIME``) and renamed into
 place when complete. An existing output is replaced only when it is one of ours: a folder whose
 marker file (``modelpress.json`` for compressed models, ``export_report.json`` for exports) lists
-every file in it, or a ``.gguf`` file with our ``.export.json`` beside it. Temporary entries
-left by a killed run (their PID no longer runs) are removed by the next run to the same output.
+every file in it, or a file with our ``.export.json`` beside it (a ``.gguf``, generated text).
+Temporary entries left by a killed run (their PID no longer runs) are removed by the next run to
+the same output.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ TEMP_MARKER = ".modelpress-temp"
 _OUTPUT_FILE_RE = re.compile(r"^(model.*\.safetensors(\.index\.json)?|config\.json|generation_config\.json|"
                              r"tokenizer.*|special_tokens_map\.json|modelpress\.json|report\.(json|md)|"
                              r"export_report\.json|recipe\.yaml|.*\.export\.json)$")
+#: ``format`` of a sidecar that marks the file beside it as ours (single-file outputs).
+SIDECAR_FORMATS = ("gguf", "generated-text")
 _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)(?:-\d+)?$")
 
 
@@ -61,7 +64,8 @@ def _not_ours(out: Path) -> str | None:
     """Why ``out`` may not be replaced, or None when it is our output and holds nothing else."""
     if out.is_file():
         side = _read_json(export_sidecar(out))
-        return None if side is not None and side.get("format") == "gguf" else "it is a file modelpress did not write"
+        ours = side is not None and side.get("format") in SIDECAR_FORMATS
+        return None if ours else "it is a file modelpress did not write"
     if not out.is_dir():
         return "it is not a regular file or folder"
     owned = owned_files(out)

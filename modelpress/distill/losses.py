@@ -198,7 +198,7 @@ def uniform_layer_map(n_student: int, n_teacher: int) -> dict[int, int]:
     return {i: round(i * n_teacher / n_student) for i in range(n_student + 1)}
 
 
-class _Mapped(LossConfig):
+class MappedLoss(LossConfig):
     """Losses over pairs of (student layer, teacher layer) given by ``layer_map`` ("uniform": evenly)."""
 
     layer_map: dict[int, int] | Literal["uniform"] = "uniform"
@@ -213,7 +213,7 @@ class _Mapped(LossConfig):
 
 
 @LOSSES.register("hidden")
-class HiddenStateLoss(_Mapped):
+class HiddenStateLoss(MappedLoss):
     """MSE between mapped hidden states; a learned linear projection when the widths differ."""
 
     type: Literal["hidden"] = "hidden"
@@ -232,7 +232,7 @@ class HiddenStateLoss(_Mapped):
 
 
 @LOSSES.register("attention")
-class AttentionLoss(_Mapped):
+class AttentionLoss(MappedLoss):
     """MSE between mapped attention maps (B, H, T, T), averaged over heads when the counts differ."""
 
     type: Literal["attention"] = "attention"

@@ -23,6 +23,9 @@ class TextTokenizer(Protocol):
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without special tokens."""
 
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids``, special tokens left out."""
+
     def save(self, directory: Path) -> None:
         """Write the tokenizer files into ``directory``."""
 
@@ -37,6 +40,9 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         # Long texts (a whole eval corpus) exceed model_max_length; windows are cut later.
         return list(self.tok(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
 
     def apply_chat_template(self, messages: list[dict], **kw: Any) -> str:
         return self.tok.apply_chat_template(messages, tokenize=False, **kw)
@@ -54,6 +60,9 @@ class Llama2cTextTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok.encode(text, bos=False, eos=False))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)
 
     def save(self, directory: Path) -> None:
         """``tokenizer.bin`` plus the Hugging Face files (see ``Llama2cTokenizer.save``)."""

@@ -138,7 +138,7 @@ class Runner:
                            progress=track if self.progress else None,
                            workdir=str(self.folder.open()) if self.folder else None,
                            offload_activations=self.offload, device=self.device, dtype=self.dtype,
-                           rank=self.rank, world_size=self.world_size)
+                           rank=self.rank, world_size=self.world_size, recipe=self.recipe.to_dict())
         if self.folder is not None:
             from ..models.fingerprint import source_digest
 

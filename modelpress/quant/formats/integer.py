@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import model_validator
+from pydantic import field_validator
 
 from .base import FORMATS, Params, WeightFormat
 
@@ -29,11 +29,12 @@ class IntegerGrid(WeightFormat):
 
     bits: int
 
-    @model_validator(mode="after")
-    def _bits_in_range(self) -> "IntegerGrid":
-        if not 2 <= self.bits <= 8:
-            raise ValueError(f"{self.type} format supports 2..8 bits, got {self.bits}")
-        return self
+    @field_validator("bits")
+    @classmethod
+    def _bits_in_range(cls, v: int) -> int:
+        if not 2 <= v <= 8:
+            raise ValueError(f"integer grids hold 2..8 bits, got {v}")
+        return v
 
     @property
     def code_bits(self) -> int:  # type: ignore[override]
