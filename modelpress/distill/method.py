@@ -125,11 +125,14 @@ def run_distill(lm: LoadedModel, cfg: DistillConfig, ctx: StageContext) -> None:
         cache = TopKCache.build(teacher, data.input_ids, data.attention_mask, cfg.teacher_top_k,
                                 _folder(ctx), sig | {"digest": _ids_digest(data.input_ids)})
 
+    teacher_used = any(c.type != "ce" for c in losses)  # hard labels alone: no teacher pass to pay
+
     def step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
         if cfg.on_policy is not None:
             batch = _maybe_on_policy(student, batch, cfg)
         with torch.no_grad():
-            t_out = cache.outputs(batch.extra["index"]) if cache is not None else model_outputs(teacher, batch, want)
+            t_out = (cache.outputs(batch.extra["index"]) if cache is not None
+                     else model_outputs(teacher, batch, want) if teacher_used else None)
         return model(batch, t_out), int(batch.mask().sum())
 
     trainer = Trainer(module, step, data, cfg.train, workdir=_folder(ctx),
