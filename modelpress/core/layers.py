@@ -28,10 +28,24 @@ def is_compressed(m: nn.Module) -> bool:
     return tag is not None and SAVED_LAYERS.holds(tag) and isinstance(m, SAVED_LAYERS.get(tag))
 
 
+def transforms_activations(m: nn.Module) -> bool:
+    """Whether a compressed layer changes its input at run time (quantises activations, zeroes small
+    or unpredicted ones), declared by its class as ``transforms_activations = True``. Its output then
+    depends on more than a dense weight: a plain transformers folder cannot reproduce it.
+
+    Example:
+        >>> transforms_activations(nn.Linear(2, 2))
+        False
+    """
+    return bool(getattr(type(m), "transforms_activations", False))
+
+
 def layer_formats(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """name -> manifest entry (``layer``, ``module`` and the class's own fields) of every compressed
-    layer held in memory (an offloaded one, on the meta device, was recorded with its checkpoint)."""
-    return {name: {"layer": m.layer_tag, "module": type(m).__module__, **m.manifest_entry()}
+    """name -> manifest entry (``layer``, ``module``, ``transforms_activations`` when the class does,
+    and the class's own fields) of every compressed layer held in memory (an offloaded one, on the
+    meta device, was recorded with its checkpoint)."""
+    return {name: {"layer": m.layer_tag, "module": type(m).__module__,
+                   **({"transforms_activations": True} if transforms_activations(m) else {}), **m.manifest_entry()}
             for name, m in model.named_modules() if is_compressed(m) and not _offloaded(m)}
 
 
@@ -61,6 +75,22 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def load_resized(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """``module.load_state_dict(tensors, strict=False)``, except that a tensor whose shape differs from
+    the module's (a block a stage resized: experts dropped or merged) replaces the parameter / buffer
+    instead of failing. Sizes that modules cache as attributes are the resizing stage's to restore."""
+    own = module.state_dict(keep_vars=True)
+    for key in [k for k, t in tensors.items() if k in own and tuple(own[k].shape) != tuple(t.shape)]:
+        parent, _, attr = key.rpartition(".")
+        m = module.get_submodule(parent) if parent else module
+        old, new = own[key], tensors.pop(key)
+        if attr in m._parameters:
+            m._parameters[attr] = nn.Parameter(new.clone(), requires_grad=old.requires_grad)
+        else:
+            m._buffers[attr] = new.clone()
+    module.load_state_dict(tensors, strict=False)
 
 
 def install_packed_layers(model: nn.Module, layers: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:

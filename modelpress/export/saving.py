@@ -56,6 +56,26 @@ def _state_dict_without_ties(model: nn.Module) -> tuple[dict[str, torch.Tensor],
     return out, list(ties.values())
 
 
+def _config_as_saved(model: nn.Module, cfg: Any) -> Any:
+    """``cfg``, or a copy saying ``tie_word_embeddings: false`` when the model's output head no longer
+    shares the input embedding's weight (a compressed masked-LM decoder or ``lm_head``): the folder's
+    two tensors differ, and a reader that ties them would replace the head."""
+    import copy
+
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    if not (getattr(cfg, "tie_word_embeddings", False) and callable(get_in) and callable(get_out)):
+        return cfg
+    try:
+        emb, head = get_in(), get_out()
+    except NotImplementedError:  # (a model class without embedding accessors)
+        return cfg
+    if head is None or emb is None or getattr(head, "weight", None) is getattr(emb, "weight", None):
+        return cfg
+    out = copy.deepcopy(cfg)
+    out.tie_word_embeddings = False
+    return out
+
+
 def _versions() -> dict[str, str]:
     import transformers
 
@@ -89,7 +109,7 @@ def _write_folder(lm: LoadedModel, tmp: Path, recipe: Any, report: dict | None) 
     if cfg is not None and hasattr(cfg, "to_json_string"):
         if not getattr(cfg, "architectures", None):  # (a GGUF's converted config has none) so any reader
             cfg.architectures = [type(lm.module).__name__]  # rebuilds the class with the head, not the bare model
-        (tmp / "config.json").write_text(cfg.to_json_string())
+        (tmp / "config.json").write_text(_config_as_saved(lm.module, cfg).to_json_string())
     if lm.tokenizer is not None:
         lm.tokenizer.save(tmp)
     for name, src in lm.companions.items():  # e.g. sentence-transformers' modules.json and pooling config

@@ -74,6 +74,9 @@ class ArchSpec:
     moe: MoESpec | None = None
     # config keys holding the sizes structured pruning changes (None: not supported)
     shapes: ShapeKeys | None = None
+    # projection role -> path inside a block of a norm applied to its output (QK-norm). One as wide
+    # as the projection (OLMo-2) loses the rows of removed heads; one per head (Qwen3) is unchanged.
+    head_norms: dict[str, str] = field(default_factory=dict)
 
 
 _LLAMA_ROLES = {
@@ -84,7 +87,7 @@ _LLAMA_ROLES = {
 
 LLAMA = ArchSpec(
     name="llama",
-    model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "olmo", "olmo2"),
+    model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "granite", "olmo", "olmo2"),
     blocks=("model.layers", "layers"),
     embed=("model.embed_tokens", "embed_tokens"),
     final_norm=("model.norm", "norm"),
@@ -99,6 +102,38 @@ LLAMA = ArchSpec(
     ),
     sequential=(("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)),
     shapes=ShapeKeys(),
+    head_norms={"q_proj": "self_attn.q_norm", "k_proj": "self_attn.k_norm"},
+)
+
+PHI3 = ArchSpec(
+    name="phi3",
+    model_types=("phi3",),
+    blocks=("model.layers", "layers"),
+    embed=("model.embed_tokens", "embed_tokens"),
+    final_norm=("model.norm", "norm"),
+    lm_head="lm_head",
+    # q/k/v and gate/up are fused into one linear each
+    roles={"qkv_proj": "self_attn.qkv_proj", "o_proj": "self_attn.o_proj", "gate_up_proj": "mlp.gate_up_proj",
+           "down_proj": "mlp.down_proj"},
+    norms={"input_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm"},
+    scale_mappings=(("input_norm", ("qkv_proj",)), ("post_attention_norm", ("gate_up_proj",))),
+    sequential=(("qkv_proj",), ("o_proj",), ("gate_up_proj",), ("down_proj",)),
+    shapes=ShapeKeys(),  # whole layers only: heads and neurons sit inside the fused linears
+)
+
+STABLELM = ArchSpec(
+    name="stablelm",
+    model_types=("stablelm",),
+    blocks=("model.layers", "layers"),
+    embed=("model.embed_tokens", "embed_tokens"),
+    final_norm=("model.norm", "norm"),
+    lm_head="lm_head",
+    roles=_LLAMA_ROLES,
+    norms={"input_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm"},
+    scale_mappings=LLAMA.scale_mappings,
+    sequential=LLAMA.sequential,
+    # its attention derives the head width from hidden_size / num_attention_heads: heads cannot go
+    shapes=ShapeKeys(heads=None, kv_heads=None, head_dim=None, attn_groups_attr=None),
 )
 
 GPT2 = ArchSpec(
@@ -167,7 +202,7 @@ MIXTRAL = ArchSpec(
                 num_experts_key="num_local_experts", top_k_key="num_experts_per_tok"),
 )
 
-ARCH_SPECS: tuple[ArchSpec, ...] = (LLAMA, GPT2, OPT, BERT, MIXTRAL)
+ARCH_SPECS: tuple[ArchSpec, ...] = (LLAMA, GPT2, OPT, BERT, MIXTRAL, PHI3, STABLELM)
 
 
 def spec_for_model_type(model_type: str | None) -> ArchSpec | None:

@@ -78,15 +78,33 @@ def companion_files(folder: Path) -> dict[str, Path]:
     return out
 
 
+class _NamedClass:
+    """The exact class a config's ``architectures`` names, with the two constructors of the Auto classes."""
+
+    def __init__(self, cls: Any) -> None:
+        self.cls = cls
+
+    def from_pretrained(self, *args: Any, **kw: Any) -> Any:
+        return self.cls.from_pretrained(*args, **kw)
+
+    def from_config(self, config: Any, **kw: Any) -> Any:
+        kw.pop("trust_remote_code", None)  # (a transformers class is not remote code)
+        return self.cls._from_config(config, **kw)
+
+
 def hf_auto_class(config: Any) -> Any:
-    """AutoModelForCausalLM for decoders, AutoModel otherwise: from ``architectures``, or, when the
-    config has none (one converted from GGUF), from whether transformers has a causal-LM class for
-    its model type."""
+    """AutoModelForCausalLM for decoders; the class ``architectures`` names for other models that
+    transformers ships (a masked-LM or classification head is kept, not dropped by AutoModel);
+    AutoModel otherwise. A config with no ``architectures`` (one converted from GGUF) is a decoder
+    when transformers has a causal-LM class for its model type."""
     import transformers
 
     archs = getattr(config, "architectures", None) or []
     if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
         return transformers.AutoModelForCausalLM
+    if len(archs) == 1 and isinstance(getattr(transformers, archs[0], None), type) and not getattr(
+            config, "is_decoder", False):
+        return _NamedClass(getattr(transformers, archs[0]))
     if getattr(config, "is_decoder", False):
         return transformers.AutoModelForCausalLM
     if not archs and config.model_type not in ENCODER_TYPES and not getattr(config, "is_encoder_decoder", False):

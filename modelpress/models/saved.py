@@ -73,7 +73,7 @@ def load_compressed(folder: str | Path, *, trust_remote_code: bool = False, veri
         raise ModelpressError(f"{folder}: unsupported modelpress format version {manifest.get('format_version')}")
     if verify:
         verify_files(folder, manifest)
-    tensors = read_weights(folder)
+    tensors = _expand_ties(read_weights(folder), manifest)
     model = _skeleton(folder, trust_remote_code, manifest.get("model_class"))
     install_packed_layers(model, manifest["layers"], tensors)
     _load_rest(model, tensors, manifest)
@@ -96,11 +96,22 @@ def _skeleton(folder: Path, trust_remote_code: bool, model_class: str | None = N
     return hf_auto_class(config).from_config(config, trust_remote_code=trust_remote_code)
 
 
-def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
+def _expand_ties(tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Give every key of a tie group (stored once, under its first key) its tensor, so a compressed
+    layer that shares a tensor with the rest (a masked-LM head's bias) is built from its own keys."""
     for group in manifest.get("tied", []):
-        src = group[0]
         for k in group[1:]:
-            tensors[k] = tensors[src]
+            tensors[k] = tensors[group[0]]
+    return tensors
+
+
+def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
+    """Load the tensors outside the compressed layers, then share exactly the tensors the saved model
+    shared (the manifest's ``tied`` groups). The skeleton's own ties (``tie_word_embeddings``) are
+    not trusted: a compressed head no longer shares the embedding (its class has no ``weight`` for
+    transformers' ``tie_weights`` to tie), and a tie the saved model had broken must stay broken."""
+    groups = [list(g) for g in manifest.get("tied", [])]
+    _untie_undeclared(model, groups)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     packed = tuple(n + "." for n in manifest.get("layers", {}))  # installed already from their tensors
     missing = [k for k in missing if not k.startswith(packed)]
@@ -108,8 +119,37 @@ def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], manifest: dic
         raise ModelpressError(f"weights file has tensors the model does not: {', '.join(unexpected[:5])}")
     if missing:
         raise ModelpressError(f"weights file lacks tensors: {', '.join(missing[:5])}")
-    if hasattr(model, "tie_weights") and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-        model.tie_weights()
+    for group in groups:
+        src = _get_tensor(model, group[0])
+        for k in group[1:]:
+            _set_tensor(model, k, src)
+
+
+def _untie_undeclared(model: nn.Module, groups: list[list[str]]) -> None:
+    """Give a parameter its own copy where the skeleton shares it with a key outside its tie group."""
+    group_of = {k: i for i, g in enumerate(groups) for k in g}
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owner = first.setdefault(id(p), name)
+        if owner != name and (name not in group_of or group_of.get(owner) != group_of[name]):
+            _set_tensor(model, name, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+
+
+def _get_tensor(model: nn.Module, key: str) -> torch.Tensor:
+    mod, _, attr = key.rpartition(".")
+    return getattr(model.get_submodule(mod) if mod else model, attr)
+
+
+def _set_tensor(model: nn.Module, key: str, t: torch.Tensor) -> None:
+    """Point parameter / buffer ``key`` at ``t``'s storage (a tie, not a copy), keeping its kind."""
+    mod, _, attr = key.rpartition(".")
+    m = model.get_submodule(mod) if mod else model
+    if attr in m._parameters:
+        old = m._parameters[attr]
+        m._parameters[attr] = t if isinstance(t, nn.Parameter) else nn.Parameter(
+            t.detach(), requires_grad=old is not None and old.requires_grad)
+    elif attr in m._buffers:
+        m._buffers[attr] = t.detach()
 
 
 def load_into(module: nn.Module, folder: str | Path) -> nn.Module:
@@ -117,7 +157,7 @@ def load_into(module: nn.Module, folder: str | Path) -> nn.Module:
     folder = Path(folder)
     manifest = read_json(folder / MANIFEST)
     verify_files(folder, manifest)
-    tensors = read_weights(folder)
+    tensors = _expand_ties(read_weights(folder), manifest)
     install_packed_layers(module, manifest["layers"], tensors)
     _load_rest(module, tensors, manifest)
     return module

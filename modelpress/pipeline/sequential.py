@@ -25,7 +25,7 @@ import torch
 
 from ..calib.blocks import BlockInputs, capture_first_block_inputs
 from ..core.errors import ModelpressError
-from ..core.layers import install_packed_layers, layer_formats
+from ..core.layers import install_packed_layers, layer_formats, load_resized
 from ..core.method import BlockStage, LayerRecord, RunContext
 from ..core.outputs import save_safetensors
 from ..models.archspec import blocks_path, get_blocks
@@ -97,8 +97,11 @@ class Checkpointer:
         return self.formats.get(str(i), {})
 
     def restore(self, upto: int, lm: LoadedModel, prefix: str, inputs: BlockInputs, ctx: RunContext,
-                floats: BlockInputs | None = None) -> None:
-        """Rebuild blocks [0, upto) from their checkpoints and load the cached inputs of block ``upto``."""
+                floats: BlockInputs | None = None, stages: tuple[Any, ...] = ()) -> None:
+        """Rebuild blocks [0, upto) from their checkpoints and load the cached inputs of block ``upto``.
+
+        A stage that changes more of a block than its tensors (sizes cached by its modules or the
+        config) provides ``restore_block(lm, index, block)``, called on each rebuilt block."""
         state = json.loads(self._state_path().read_text())
         self.formats = state.get("formats", {})
         for i in range(upto):
@@ -108,7 +111,10 @@ class Checkpointer:
             blk = lm.module.get_submodule(f"{prefix}.{i}")
             tensors = read_safetensors(self.dir / f"block{i}.safetensors")
             install_packed_layers(blk, state["formats"].get(str(i), {}), tensors)
-            blk.load_state_dict(tensors, strict=False)
+            load_resized(blk, tensors)
+            for stage in stages:
+                if hasattr(stage, "restore_block"):
+                    stage.restore_block(lm, i, blk)
         streams = read_safetensors(self.dir / "inputs.safetensors")
         inputs.hidden.copy_(streams["hidden"])
         if floats is not None:
@@ -172,7 +178,7 @@ def run_sequential(lm: LoadedModel, stages: list[tuple[BlockStage, str] | tuple[
     floats = float_inputs if wants_targets else None
     start = ck.resume_point()
     if start:
-        ck.restore(start, lm, prefix, inputs, ctx, floats)
+        ck.restore(start, lm, prefix, inputs, ctx, floats, tuple(s for s, _, _ in stages3))
         ctx.warn(f"resumed from checkpoint after block {start - 1} in {ck.dir}")
     for i in ctx.iterate(list(range(start, len(blocks))), "blocks"):
         if before_block is not None:

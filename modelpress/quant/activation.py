@@ -208,6 +208,7 @@ class _ActQuantMixin:
     """Activation qparams of a W8A8 layer: stored (static) or computed from ``x`` (dynamic)."""
 
     spec: ActQuantSpec
+    transforms_activations: ClassVar[bool] = True  # its input is quantised to int8 (core.layers)
 
     def act_qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero) for ``x`` (n, in) or any tensor when per-tensor."""

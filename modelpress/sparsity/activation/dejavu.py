@@ -104,6 +104,7 @@ class DejaVuMLP(nn.Module):
     """
 
     layer_tag = "dejavu_mlp"
+    transforms_activations = True  # unpredicted hidden neurons are zeroed (core.layers)
 
     def __init__(self, gate_proj: nn.Module | None, up_proj: nn.Module, down_proj: nn.Module, hidden_act: str,
                  pred_w1: torch.Tensor, pred_w2: torch.Tensor, k: int) -> None:

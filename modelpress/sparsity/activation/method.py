@@ -15,7 +15,7 @@ from pydantic import Field
 
 from ...calib.capture import capture_inputs
 from ...core.errors import ModelpressError
-from ...models.archspec import ArchSpec
+from ...models.archspec import ArchSpec, get_submodule
 from ...models.layers import linear_shape, set_submodule
 from ...models.loading import LoadedModel
 from ...core.method import METHODS, LayerRecord, MethodConfig, MethodEntry, RunContext
@@ -120,8 +120,11 @@ class DejaVuStage:
                       inputs: BlockInputs, ctx: RunContext) -> None:
         if f"{prefix}.{self.spec.roles['down_proj']}" not in self.selected:
             return
-        roles = {r: block.get_submodule(self.spec.roles[r]) if r in self.spec.roles else None for r in
+        roles = {r: get_submodule(block, self.spec.roles[r]) if r in self.spec.roles else None for r in
                  ("gate_proj", "up_proj", "down_proj")}
+        absent = [self.spec.roles[r] for r, m in roles.items() if m is None and r in self.spec.roles]
+        if absent:
+            raise ModelpressError(f"Deja Vu: {prefix} has no {', '.join(absent)} (ArchSpec {self.spec.name!r})")
         from transformers.activations import ACT2FN
 
         act = ACT2FN[_hidden_act(lm)]
@@ -161,6 +164,11 @@ def dejavu_stage(lm: LoadedModel, cfg: DejaVuConfig) -> DejaVuStage:
     if spec is None or "down_proj" not in spec.roles or "up_proj" not in spec.roles or spec.transposed:
         raise ModelpressError("Deja Vu needs an architecture with up_proj/down_proj roles stored as nn.Linear "
                               f"(got {spec.name if spec else 'an unknown architecture'})")
+    mlp = {spec.roles[r].rpartition(".")[0] for r in ("gate_proj", "up_proj", "down_proj") if r in spec.roles}
+    if len(mlp) != 1 or "" in mlp:  # DejaVuMLP replaces that module and is called as mlp(x)
+        paths = ", ".join(spec.roles[r] for r in ("gate_proj", "up_proj", "down_proj") if r in spec.roles)
+        raise ModelpressError(f"Deja Vu replaces the MLP module holding gate/up/down_proj; architecture {spec.name!r} "
+                              f"has them in different modules ({paths})")
     return DejaVuStage(cfg, [n for n, _ in select_layers(lm, cfg)], spec)
 
 

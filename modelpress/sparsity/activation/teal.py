@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ...core.errors import ModelpressError
 from ...core.layers import SAVED_LAYERS
-from ...models.layers import linear_shape
+from ...models.layers import is_conv1d, linear_shape
 
 
 def magnitude_threshold(abs_x: torch.Tensor, sparsity: float) -> float:
@@ -74,6 +74,7 @@ class ThresholdLinear(nn.Module):
     """
 
     layer_tag = "teal_linear"
+    transforms_activations = True  # small inputs are zeroed (core.layers)
 
     def __init__(self, inner: nn.Module, threshold: float | torch.Tensor) -> None:
         super().__init__()
@@ -98,13 +99,21 @@ class ThresholdLinear(nn.Module):
         return self.inner(xs)
 
     def manifest_entry(self) -> dict[str, Any]:
-        return {"shape": [self.out_features, self.in_features], "bias": getattr(self.inner, "bias", None) is not None}
+        entry = {"shape": [self.out_features, self.in_features], "bias": getattr(self.inner, "bias", None) is not None}
+        return {**entry, "conv1d": True} if is_conv1d(self.inner) else entry
 
     @classmethod
     def from_saved(cls, info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "ThresholdLinear":
-        """Rebuild around an empty ``nn.Linear`` of the saved shape; the saver then loads (or replaces) ``inner``."""
+        """Rebuild around an empty layer of the saved shape and layout (``nn.Linear``, or GPT-2's
+        ``Conv1D`` whose weight is (in, out)); the saver then loads (or replaces) ``inner``."""
         out_f, in_f = info["shape"]
-        return cls(nn.Linear(in_f, out_f, bias=info["bias"]), tensors["threshold"])
+        if info.get("conv1d"):
+            from transformers.pytorch_utils import Conv1D
+
+            inner: nn.Module = Conv1D(out_f, in_f)
+        else:
+            inner = nn.Linear(in_f, out_f, bias=info["bias"])
+        return cls(inner, tensors["threshold"])
 
     def extra_repr(self) -> str:
         return f"threshold={float(self.threshold):.4g}"

@@ -87,9 +87,11 @@ def run_magnitude(lm: LoadedModel, cfg: MagnitudeConfig, ctx: RunContext) -> Non
         masks = {n: mask_from_scores(w.abs(), cfg.pattern, sparsities[n], layer=n, per_output=cfg.per_output)
                  for n, w in weights.items()}
     for n, m in ctx.iterate(layers, "magnitude"):
-        install_pruned(lm.module, n, m, weights[n], masks[n], cfg.pattern, cfg.storage)
+        # recorded first: weights[n] is a view of the layer's weight (no copy of the whole model is
+        # held), which storage "dense" overwrites in place with the pruned weight
         rec = record_pruned(ctx, "magnitude", n, weights[n], masks[n], cfg.pattern, storage=cfg.storage)
         rec.notes.extend(notes.get(n, []))
+        install_pruned(lm.module, n, m, weights[n], masks[n], cfg.pattern, cfg.storage)
 
 
 def layer_sparsities(lm: LoadedModel, cfg: MagnitudeConfig, layers: list[tuple[str, nn.Module]],

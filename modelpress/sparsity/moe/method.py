@@ -150,6 +150,13 @@ class _MoEStage(ABC):
         _check_keep(lm, moe, self.cfg.keep, n_exp)
         self._apply(lm, block, prefix, moe, n_exp, inputs, ctx)
 
+    def restore_block(self, lm: LoadedModel, index: int, block: nn.Module) -> None:
+        """A block rebuilt from its checkpoint holds the reduced experts: set the counts its router,
+        experts module and the config cache (the engine's resume calls this)."""
+        if index in self.blocks:
+            moe = _moe_spec(lm)
+            _set_count(lm, block, moe, _num_experts(block, moe))
+
     @abstractmethod
     def _apply(self, lm: LoadedModel, block: nn.Module, prefix: str, moe: MoESpec, n_exp: int,
                inputs: BlockInputs, ctx: RunContext) -> None:

@@ -139,6 +139,8 @@ def shrink_heads(block: nn.Module, spec: ArchSpec, layout: HeadLayout, remove: S
     keep_q, keep_kv = plan_heads(layout, remove, where)
     q, k, v, o = (role_linear(block, spec, r, where) for r in ("q_proj", "k_proj", "v_proj", "o_proj"))
     d = layout.head_dim
+    _take_norm_rows(block, spec, "q_proj", q.out_features, _unit_rows(keep_q, d))
+    _take_norm_rows(block, spec, "k_proj", k.out_features, _unit_rows(keep_kv, d))
     take_rows(q, _unit_rows(keep_q, d))
     take_rows(k, _unit_rows(keep_kv, d))
     take_rows(v, _unit_rows(keep_kv, d))
@@ -149,6 +151,20 @@ def shrink_heads(block: nn.Module, spec: ArchSpec, layout: HeadLayout, remove: S
     if attr and attn is not None and hasattr(attn, attr):
         setattr(attn, attr, new.group)  # repeat_kv reads it at every forward
     return new
+
+
+def _take_norm_rows(block: nn.Module, spec: ArchSpec, role: str, width: int, keep: torch.Tensor) -> None:
+    """Keep entries ``keep`` of the QK-norm over ``role``'s whole output (OLMo-2 normalises all heads
+    together: the kept heads are then normalised over themselves only, part of what pruning changes);
+    a per-head norm (Qwen3, ``head_dim`` wide) stays as it is."""
+    norm = get_submodule(block, spec.head_norms[role]) if role in spec.head_norms else None
+    if norm is None:
+        return
+    for name, p in list(norm.named_parameters(recurse=False)):
+        if p.dim() == 1 and p.numel() == width:
+            setattr(norm, name, nn.Parameter(p.data.index_select(0, keep).clone(), p.requires_grad))
+    if isinstance(getattr(norm, "normalized_shape", None), tuple) and norm.normalized_shape == (width,):
+        norm.normalized_shape = (int(keep.numel()),)
 
 
 def shrink_mlp(block: nn.Module, spec: ArchSpec, inter: int, remove: Sequence[int], where: str = "block") -> int:

@@ -2,8 +2,10 @@
 from .awq import (
     ScaleSearch,
     candidate_scales,
+    clip_plan,
     fold_into_linear_out,
     fold_into_norm,
+    quantize_clipped,
     scale_linear_in,
     scaled_output_error,
     search_clip,
@@ -14,8 +16,10 @@ from .awq import (
 __all__ = [
     "ScaleSearch",
     "candidate_scales",
+    "clip_plan",
     "fold_into_linear_out",
     "fold_into_norm",
+    "quantize_clipped",
     "scale_linear_in",
     "scaled_output_error",
     "search_clip",

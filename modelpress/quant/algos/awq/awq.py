@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ...formats.base import WeightFormat
+from ...formats.base import FitPlan, QTensor, WeightFormat
 from ...granularity import PerTensor
 
 
@@ -145,26 +145,43 @@ def search_scales_by(objective: Callable[[torch.Tensor], float], x_mean: torch.T
 
 
 # ---- clipping search ----------------------------------------------------------------------------
-def _fake_quantize_grouped(fmt: WeightFormat, wg: torch.Tensor) -> torch.Tensor:
-    """Round-to-nearest on a grouped view (rows, n_groups, G) with the parameters really stored."""
-    p = fmt.roundtrip_params(fmt.fit(wg))
-    return fmt.decode(fmt.encode(wg, p), p)
+def _fake_quantize_grouped(plan: FitPlan, wg: torch.Tensor) -> torch.Tensor:
+    """Round-to-nearest on a grouped view (rows, n_groups, G) with the parameters really stored,
+    under the plan's tensor-wide parameters (the same for every candidate and for the final rounding)."""
+    p = plan.fit(wg)
+    return plan.fmt.decode(plan.fmt.encode(wg, p), p)
+
+
+def clip_plan(W: torch.Tensor, fmt: WeightFormat) -> FitPlan:
+    """The format's tensor-wide parameters (NVFP4's global scale, NF4's double-quantisation
+    statistics) fitted once on the unclipped weight ``W`` (out, in): :func:`search_clip` scores every
+    candidate under them and :func:`quantize_clipped` rounds the result under them, so each group's
+    choice is judged with the parameters it is finally stored with."""
+    return fmt.plan(fmt.grouped(W.float()))
+
+
+def quantize_clipped(Wc: torch.Tensor, plan: FitPlan) -> QTensor:
+    """``Wc`` (out, in) quantised under ``plan`` (see :func:`clip_plan`)."""
+    fmt = plan.fmt
+    return fmt.quantize(Wc, stored=plan.store(plan.fit(fmt.grouped(Wc.float()))))
 
 
 def search_clip(W: torch.Tensor, X: torch.Tensor, fmt: WeightFormat, n_grid: int = 20,
-                max_shrink: float = 0.5) -> torch.Tensor:
+                max_shrink: float = 0.5, plan: FitPlan | None = None) -> torch.Tensor:
     """Clip each group of ``W`` to ``±max|w| * (1 - i / n_grid)``, ``i`` minimising its output error.
 
     The error of row ``o``, group ``g`` is ``|| X_g (Q(clip(w_og)) - w_og) ||^2`` over the tokens,
     computed through the per-group Gram matrix ``X_g^T X_g``. ``i = 0`` (no clipping) is a
-    candidate and wins ties, so clipping never raises a group's error. A per-tensor format has a
-    single range for the whole weight and is returned unchanged.
+    candidate and wins ties, so clipping never raises a group's error when the result is rounded
+    under the same ``plan`` (:func:`quantize_clipped`). A per-tensor format has a single range for
+    the whole weight and is returned unchanged.
 
     Args:
         W: float weight (out, in), already scaled.
         X: input tokens (n_tokens, in), already divided by the scales.
         fmt: the target format.
         n_grid, max_shrink: ``int(max_shrink * n_grid)`` shrink steps of ``1 / n_grid`` are tried.
+        plan: tensor-wide parameters to score under (default: :func:`clip_plan` of ``W``).
 
     Returns:
         The clipped weight (out, in), float32.
@@ -172,6 +189,7 @@ def search_clip(W: torch.Tensor, X: torch.Tensor, fmt: WeightFormat, n_grid: int
     W = W.float()
     if isinstance(fmt.granularity, PerTensor):
         return W.clone()
+    plan = plan if plan is not None else clip_plan(W, fmt)
     Wg = fmt.grouped(W)  # (out, n_groups, G)
     Xg = fmt.grouped(X.float())  # (n, n_groups, G), zero padded like W
     H = torch.einsum("ngk,ngl->gkl", Xg, Xg)  # (n_groups, G, G)
@@ -179,7 +197,7 @@ def search_clip(W: torch.Tensor, X: torch.Tensor, fmt: WeightFormat, n_grid: int
     best_max, best_err = w_max, torch.full_like(w_max, float("inf"))
     for i in range(int(max_shrink * n_grid)):
         m = w_max * (1 - i / n_grid)
-        E = _fake_quantize_grouped(fmt, torch.clamp(Wg, -m, m)) - Wg  # (out, n_groups, G)
+        E = _fake_quantize_grouped(plan, torch.clamp(Wg, -m, m)) - Wg  # (out, n_groups, G)
         err = (torch.einsum("ogk,gkl->ogl", E, H) * E).sum(-1, keepdim=True)  # (out, n_groups, 1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)

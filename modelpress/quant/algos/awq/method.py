@@ -30,8 +30,8 @@ from ...apply import install_quantized, record_quantized
 from ...fields import FormatField
 from ...formats import IntFormat
 from ...granularity import PerGroup
-from .awq import (fold_into_linear_out, fold_into_norm, scale_linear_in, search_clip, search_scales,
-                  search_scales_by, weight_mean)
+from .awq import (clip_plan, fold_into_linear_out, fold_into_norm, quantize_clipped, scale_linear_in, search_clip,
+                  search_scales, search_scales_by, weight_mean)
 
 
 class AWQConfig(MethodConfig):
@@ -201,14 +201,15 @@ class AWQStage:
                       ctx: RunContext) -> None:
         W = layer_weight(name, module)  # (out, in), already scaled
         X = sample.X if sample.stats.ntokens else None  # (n_tokens, in)
-        Wc = W
+        Wc, plan = W, None
         if self.cfg.clip and X is not None and role_of(name, lm.module, lm.spec) not in self.cfg.clip_skip_roles:
-            Wc = search_clip(W, X, self.cfg.format, self.cfg.clip_grid, self.cfg.max_shrink)
+            plan = clip_plan(W, self.cfg.format)  # tensor-wide parameters of the unclipped weight
+            Wc = search_clip(W, X, self.cfg.format, self.cfg.clip_grid, self.cfg.max_shrink, plan)
         if not self.cfg.quantize:
             if Wc is not W:
                 linear_weight(module).copy_(Wc.to(module.weight.dtype))
             return
-        qt = self.cfg.format.quantize(Wc)
+        qt = self.cfg.format.quantize(Wc) if plan is None else quantize_clipped(Wc, plan)
         Q = qt.dequantize()
         out_err = None if X is None else float((X @ (W - Q).T).norm() / (X @ W.T).norm().clamp_min(1e-20))
         install_quantized(lm.module, name, module, qt)

@@ -69,6 +69,7 @@ class Int8OutlierLinear(Int8WeightModule):
     """
 
     is_compressed_linear = True
+    transforms_activations = True  # non-outlier input columns are quantised to int8 (core.layers)
     layer_tag = "llm_int8_linear"
     spec_class = LLMInt8Spec
 

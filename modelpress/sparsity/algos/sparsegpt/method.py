@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal, Optional
 
 import torch.nn as nn
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ....calib.obs import output_rel_error
 from ....calib.stats import HessianAccumulator
@@ -19,7 +19,7 @@ from ....models.selection import layer_weight
 from ....quant.apply import install_quantized, record_quantized
 from ....quant.fields import FormatField
 from ...apply import install_pruned, record_pruned
-from ...patterns import NM
+from ...patterns import NM, SparsityPattern, Unstructured
 from ...config import PruneConfig
 from ...masks import mask_from_scores
 from ...stage import CalibratedPruneStage
@@ -42,6 +42,14 @@ class SparseGPTConfig(PruneConfig):
     dampening_frac: float = Field(0.01, gt=0, lt=1, description="percdamp: fraction of mean diag(H) added")
     format: Optional[FormatField] = Field(None, description="quantise kept weights in the same pass")
     true_sequential: bool = Field(False, description="within a block, later layers see earlier ones pruned")
+
+    @field_validator("pattern")
+    @classmethod
+    def _elementwise_obs(cls, p: SparsityPattern) -> SparsityPattern:
+        if not isinstance(p, (Unstructured, NM)):  # the OBS loop picks single weights per row
+            raise ValueError(f"sparsegpt supports unstructured and N:M patterns, not {p.type} ({p.label}): "
+                             "use magnitude or wanda for block sparsity")
+        return p
 
     @model_validator(mode="after")
     def _blocks_hold_whole_groups(self) -> "SparseGPTConfig":
