@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from typing import Callable
 
 #: Larger thread counts are refused: torch would spawn them all on a machine that has far fewer cores.
 MAX_THREADS = 4096
@@ -93,3 +94,15 @@ def log_probability(text: str) -> float:
     if v > 0:
         raise argparse.ArgumentTypeError(f"a log-probability is <= 0, got {text}")
     return v
+
+
+def positive_int_up_to(limit: int) -> Callable[[str], int]:
+    """An integer in 1..``limit`` (a count whose huge values would only exhaust memory)."""
+
+    def check(text: str) -> int:
+        v = _at_least(text, 1)
+        if v > limit:
+            raise argparse.ArgumentTypeError(f"must be <= {limit:,}, got {v:,}")
+        return v
+
+    return check

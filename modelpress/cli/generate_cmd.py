@@ -33,17 +33,17 @@ def add_parser(sub: Any) -> None:
     src.add_argument("--prompts", help="prompts file: one per line, or JSONL with a 'prompt' (or 'text') field")
     src.add_argument("--from-docs", help="text source (file, JSONL, hf:DATASET, bundled:NAME) whose documents' first "
                                          "--prompt-tokens tokens are the prompts")
-    g.add_argument("--prompt-tokens", type=A.positive_int, default=16,
+    g.add_argument("--prompt-tokens", type=A.positive_int_up_to(65536), default=16,
                    help="tokens of each document used as its prompt (default 16)")
-    g.add_argument("--samples", type=A.positive_int, default=64,
+    g.add_argument("--samples", type=A.positive_int_up_to(10_000_000), default=64,
                    help="sequences to generate, prompts taken in turn (default 64)")
-    g.add_argument("--max-new-tokens", type=A.positive_int, default=128,
+    g.add_argument("--max-new-tokens", type=A.positive_int_up_to(65536), default=128,
                    help="tokens generated per prompt at most (default 128)")
     g.add_argument("--temperature", type=A.positive_float, default=1.0, help="sampling temperature (default 1.0)")
     g.add_argument("--top-p", type=A.probability, default=1.0, help="nucleus sampling mass (default 1.0: off)")
     g.add_argument("--top-k", type=A.nonneg_int, default=0, help="sample among the k likeliest tokens (default 0: off)")
     g.add_argument("--seed", type=A.nonneg_int, default=0)
-    g.add_argument("--batch-size", type=A.positive_int, default=8, help="prompts generated together (default 8)")
+    g.add_argument("--batch-size", type=A.positive_int_up_to(4096), default=8, help="prompts generated together (default 8)")
     g.add_argument("--near-duplicate", type=A.probability, default=0.8,
                    help="word-shingle Jaccard from which a sample is a near duplicate (default 0.8)")
     g.add_argument("--min-logprob", type=A.log_probability, default=None,

@@ -131,6 +131,8 @@ def _base(cmd: str, model_dir: Path, text_file: Path, compressed_dir: Path, out:
         "export": ["export", "--model", compressed_dir, "--format", "hf", "--output", out],
         "inspect": ["inspect", "--model", model_dir],
         "recipes": ["recipes"],
+        "generate": ["generate", "--model", model_dir, "--from-docs", text_file, "--samples", "2",
+                     "--max-new-tokens", "4", "--output", out.parent / "generated.jsonl"],
     }
     if cmd not in bases:
         pytest.fail(f"no base command for subcommand {cmd!r}: add one to _base() in {__file__}")
