@@ -23,7 +23,7 @@ CPU seconds are reported beside wall seconds because the 2-core machine is share
 per process the CPU seconds are what the job cost, wall what it took under the load of the time
 (the 1-minute load average before and after each row is recorded).
 
-    python bench/trainer_throughput.py --threads 1 --repeats 2 --minilm --overhead --out bench/results/trainer_throughput
+    python bench/trainer_throughput.py --threads 1 --repeats 4 --minilm --overhead --out bench/results/trainer_throughput
 """
 from __future__ import annotations
 
@@ -163,7 +163,9 @@ def run_row(a: argparse.Namespace, tmp: Path, row: tuple, rep: int) -> dict:
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Median over repeats per row; ours / plain at the same process count; loss agreement."""
+    """Median over repeats per row; ours / plain at the same process count as the median of the
+    ratios paired within each round (the two ran minutes apart, under the same background load);
+    loss agreement."""
     out = []
     for name, procs, mode, adamw in ROWS:
         rs = [r for r in rows if r["row"] == name]
@@ -176,9 +178,13 @@ def summarise(rows: list[dict]) -> list[dict]:
     for o in out:
         ref = next((p for p in out if p["mode"] == "plain" and p["adamw"] == "fused" and p["processes"] == o["processes"]), None)
         if o["mode"] == "ours" and ref is not None:
-            o["ratio_vs_plain"] = o["tokens_per_s"] / ref["tokens_per_s"]
-            o["ratio_vs_plain_cpu"] = o["tokens_per_cpu_s"] / ref["tokens_per_cpu_s"]
-            o["max_loss_rel_diff_vs_plain"] = max(abs(x - y) / abs(y) for x, y in zip(o["losses_rank0"], ref["losses_rank0"]))
+            pairs = [(x, y) for x in rows if x["row"] == o["row"] for y in rows
+                     if y["row"] == ref["row"] and y["repeat"] == x["repeat"]]
+            for key, name in (("tokens_per_s", "ratio_vs_plain"), ("tokens_per_cpu_s", "ratio_vs_plain_cpu")):
+                ratios = [x[key] / y[key] for x, y in pairs]
+                o[name], o[name + "_range"] = statistics.median(ratios), [min(ratios), max(ratios)]
+            o["max_loss_rel_diff_vs_plain"] = max(abs(a - b) / abs(b) for x, y in pairs
+                                                  for a, b in zip(x["losses_rank0"], y["losses_rank0"]))
     return out
 
 
@@ -268,13 +274,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps")
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--threads", type=int, default=1, help="threads per process")
-    ap.add_argument("--repeats", type=int, default=1, help="rounds over all rows (interleaved); medians reported")
+    ap.add_argument("--repeats", type=int, default=1, help="rounds over all rows, every other round in reverse order; "
+                                                           "medians reported")
     ap.add_argument("--rows", nargs="+", type=int, default=list(range(len(ROWS))), help="indices into ROWS")
     ap.add_argument("--minilm", action="store_true", help="also the MiniLM distill-step and AdamW rows")
     ap.add_argument("--minilm-steps", type=int, default=20)
     ap.add_argument("--overhead", action="store_true", help="also ours vs plain per-step time on a tiny model")
     ap.add_argument("--overhead-steps", type=int, default=200)
-    ap.add_argument("--overhead-rounds", type=int, default=3)
+    ap.add_argument("--overhead-rounds", type=int, default=5)
     ap.add_argument("--out", help="output path without extension (.json and .md are written)")
     # worker-only arguments
     ap.add_argument("--worker", choices=["ours", "plain"], help=argparse.SUPPRESS)
@@ -300,7 +307,7 @@ def main() -> None:
         extra = {"minilm": (minilm_rows(a, tmp) + smollm_adamw) if a.minilm else [],
                  "overhead": overhead_rows(a) if a.overhead else []}
         for rep in range(a.repeats):
-            for i in a.rows:
+            for i in (a.rows if rep % 2 == 0 else a.rows[::-1]):  # ABBA: a drifting load falls on both sides
                 raw.append(run_row(a, tmp, ROWS[i], rep))
                 print(json.dumps({k: v for k, v in raw[-1].items() if k != "losses_rank0"}), flush=True)
                 write(a.out, meta | {"load_avg_start": load0}, summarise(raw), raw, extra)
@@ -316,10 +323,14 @@ def write(out: str, meta: dict, rows: list[dict], raw: list[dict], extra: dict[s
              f"{meta['micro']} x {meta['seq_len']} tokens per process per step ({meta['data']} windows), "
              f"{meta['warmup']} warm-up step(s) then {meta['steps']} timed; {meta['threads']} thread(s) per process; "
              f"constant lr, clip 1.0; torch {meta['torch']}, {meta['cpus']} CPUs; median of {meta['repeats']} round(s)", "",
-             "| row | processes | AdamW | tokens/s | tokens per CPU-s | wall s | CPU s | ours / plain (wall) | "
-             "ours / plain (CPU) | max loss diff vs plain | load avg (before, after) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Per row: medians over the rounds. ours / plain: the median (and range) of the ratios paired within "
+             "each round. Loss diff: the largest relative difference of ours' per-step losses from plain's.", "",
+             "| row | processes | AdamW | tokens/s | tokens per CPU-s | wall s | CPU s | ours / plain (tokens/s) | "
+             "ours / plain (tokens per CPU-s) | max loss diff vs plain | load avg (before, after) per round |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ratio = (f"{r['ratio_vs_plain']:.3f} | {r['ratio_vs_plain_cpu']:.3f} | {r['max_loss_rel_diff_vs_plain']:.1e}"
+        span = lambda k: f"{r[k]:.3f} ({r[k + '_range'][0]:.3f}-{r[k + '_range'][1]:.3f})"  # noqa: E731
+        ratio = (f"{span('ratio_vs_plain')} | {span('ratio_vs_plain_cpu')} | {r['max_loss_rel_diff_vs_plain']:.1e}"
                  if "ratio_vs_plain" in r else "- | - | -")
         loads = "; ".join(f"{x:.1f}, {y:.1f}" for x, y in r["load_avg_1min"])
         lines.append(f"| {r['row']} | {r['processes']} | {r['adamw']} | {r['tokens_per_s']:.1f} | {r['tokens_per_cpu_s']:.1f} | "
