@@ -21,7 +21,7 @@ import torch.nn as nn
 from ..core.method import RunContext
 from ..models.archspec import ArchSpec
 from ..models.loading import LoadedModel
-from ..models.selection import layer_weight
+from ..models.layers import linear_shape
 from .blocks import BlockInputs, KnownOutputs, SubInputs, common_ancestor, last_module
 from .capture import capture_inputs
 
@@ -74,7 +74,8 @@ class ObservedBlockStage:
         for k, group in enumerate(groups):
             mods = {n: lm.module.get_submodule(n) for n in group}
             sets = shared_input_sets(lm.spec, prefix, group)
-            accs = {s[0]: self.make_acc(layer_weight(s[0], mods[s[0]]).shape[1]) for s in sets}
+            # width from the module, not its weight: a quantised layer (compensated later) has none
+            accs = {s[0]: self.make_acc(linear_shape(mods[s[0]])[1]) for s in sets}
             stop = last_module(block, [mods[n] for n in accs])
             replaying = replay is not None and _inside(replay[0], group)
             # the group's one layer may be the replayed submodule's last: keep its inputs to know the outputs

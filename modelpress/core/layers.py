@@ -17,7 +17,8 @@ import torch.nn as nn
 from .config import Registry
 from .errors import ModelpressError
 
-SAVED_LAYERS: Registry[type[nn.Module]] = Registry("compressed layer", packages=("modelpress.quant", "modelpress.sparsity"))
+SAVED_LAYERS: Registry[type[nn.Module]] = Registry("compressed layer",
+                                                   packages=("modelpress.quant", "modelpress.sparsity", "modelpress.lowrank"))
 #: Tag and module of manifest entries written before entries named their class (quantised linears).
 DEFAULT_TAG, DEFAULT_MODULE = "quant", "modelpress.quant.qlinear"
 

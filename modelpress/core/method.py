@@ -206,5 +206,6 @@ class MethodEntry:
 
 
 #: The method families' packages: a module anywhere below them that registers a method is found.
-METHOD_PACKAGES = ("modelpress.quant.algos", "modelpress.sparsity", "modelpress.diagnostics", "modelpress.distill")
+METHOD_PACKAGES = ("modelpress.quant.algos", "modelpress.sparsity", "modelpress.diagnostics", "modelpress.distill",
+                   "modelpress.lowrank")
 METHODS: Registry[MethodEntry] = Registry("method", packages=METHOD_PACKAGES)
