@@ -26,7 +26,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Protocol
 
 import torch
 import torch.nn as nn
@@ -40,6 +40,25 @@ from .losses import Batch
 
 #: (the model being trained, a batch) -> (loss to minimise, number of tokens it covered)
 StepLoss = Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]
+
+
+class TrainHooks(Protocol):
+    """Per-step callbacks of a stage that changes the model while it trains (a pruning schedule
+    tightening masks, movement scores accumulated from gradients, a rewind point recorded).
+
+    ``step`` is the 1-based number of the optimizer step: ``on_gradients`` sees its complete
+    (accumulated, synchronised, unclipped) gradients before the update, ``on_step`` runs after it.
+    ``state_dict`` / ``load_state_dict`` ride in the trainer's checkpoint, so a resumed run continues
+    the hook where the killed one left it.
+    """
+
+    def on_gradients(self, step: int, model: nn.Module) -> None: ...
+
+    def on_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class TrainConfig(Config):
@@ -174,10 +193,11 @@ class Trainer:
     def __init__(self, model: nn.Module, step_loss: StepLoss, data: TrainData, cfg: TrainConfig, *,
                  workdir: str | Path | None = None, signature: dict[str, Any] | None = None,
                  eval_fn: Callable[[nn.Module], dict[str, Any]] | None = None, progress: bool = True,
-                 description: str = "training") -> None:
+                 description: str = "training", hooks: TrainHooks | None = None) -> None:
         from accelerate import Accelerator
 
         self.cfg, self.data, self.step_loss, self.eval_fn = cfg, data, step_loss, eval_fn
+        self.hooks = hooks
         self.accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
                                        mixed_precision=cfg.mixed_precision if _has_accelerator() else "no",
                                        cpu=not _has_accelerator())
@@ -229,6 +249,8 @@ class Trainer:
                     with acc.accumulate(self.model):
                         loss, _ = self.step_loss(self.model, self.data.batch(m).to(acc.device))
                         acc.backward(loss)
+                        if acc.sync_gradients and self.hooks is not None:
+                            self.hooks.on_gradients(step + 1, self.raw_model)
                         if acc.sync_gradients and cfg.clip is not None:
                             acc.clip_grad_norm_(self.model.parameters(), cfg.clip)
                         self.optimizer.step()
@@ -237,6 +259,8 @@ class Trainer:
                         self.optimizer.zero_grad()
                     run_loss += float(loss.detach()) / cfg.grad_accum
                 step += 1
+                if self.hooks is not None:
+                    self.hooks.on_step(step, self.raw_model, self.optimizer)
                 tokens += self.data.tokens(idx)
                 run_n += 1
                 if step % cfg.log_every == 0 or self._done(step, t0):
@@ -293,6 +317,8 @@ class Trainer:
             self._clear_checkpoint()  # another recipe, other data or other code: redo, never splice
             return 0, 0, [], []
         self.accelerator.load_state(str(self._ckpt()))
+        if self.hooks is not None:
+            self.hooks.load_state_dict(torch.load(self._ckpt() / "hooks.pt", weights_only=True))
         return state["step"], state["tokens"], [tuple(x) for x in state["losses"]], [tuple(x) for x in state["evals"]]
 
     def _checkpoint(self, step: int, tokens: int, losses: list, evals: list) -> None:
@@ -306,6 +332,8 @@ class Trainer:
         if acc.is_main_process:
             (tmp / "trainer.json").write_text(json.dumps({"signature": self.signature, "step": step, "tokens": tokens,
                                                           "losses": losses, "evals": evals}, default=str))
+            if self.hooks is not None:
+                torch.save(self.hooks.state_dict(), tmp / "hooks.pt")
             old = self.workdir / "train-checkpoint.old"
             if self._ckpt().exists():
                 os.replace(self._ckpt(), old)

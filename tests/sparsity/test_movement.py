@@ -1,0 +1,154 @@
+"""Movement pruning (Sanh et al. 2020): the accumulated scores equal -sum_t W^(t) * dL/dW^(t) computed
+independently with autograd from the recorded weights; hard movement keeps exactly the top-scored
+weights; soft movement's scores get the straight-through gradient dL/dW' * W; the result saves and
+reloads as ordinary SparseLayer pruning."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import modelpress as mp
+from modelpress.core.errors import ModelpressError
+from modelpress.distill.losses import hard_ce
+from modelpress.distill.trainer import TrainConfig, TrainData, Trainer, sample_order
+from modelpress.pipeline.recipe import parse_recipe
+from modelpress.sparsity.algos.movement import MovementConfig, MovementLayer, MovementScores
+from modelpress.sparsity.algos.gradual import sparse_layers
+from modelpress.sparsity.layer import SparseLayer
+from tests.conftest import make_tiny_llama
+
+
+def ce_step(model, batch):
+    out = model(input_ids=batch.input_ids)
+    return hard_ce(out.logits, batch), int(batch.input_ids.numel())
+
+
+def ids(n=16, length=16, seed=0):
+    return torch.randint(3, 300, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+class Recorder:
+    """Records every parameter before each update and the scores just before each pruning step."""
+
+    def __init__(self, inner: MovementScores, model) -> None:
+        self.inner, self.model, self.params, self.scores_at = inner, model, [], {}
+
+    def on_gradients(self, step, model):
+        self.params.append({n: p.detach().clone() for n, p in self.model.named_parameters()})
+        self.inner.on_gradients(step, model)
+
+    def on_step(self, step, model, optimizer):
+        if step in self.inner.when:
+            self.scores_at[step] = ({n: s.clone() for n, s in self.inner.scores.items()},
+                                    {n: m.mask.clone() for n, m in self.inner.layers.items()})
+        self.inner.on_step(step, model, optimizer)
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state):
+        self.inner.load_state_dict(state)
+
+
+def _run(steps=12, sparsity=0.7, schedule=None):
+    lm = mp.load(make_tiny_llama(seed=5, layers=1))
+    cfg = MovementConfig(sparsity=sparsity, schedule=schedule or {"start": 0.5, "end": 1.0, "every": 6},
+                         train={"steps": steps, "batch_size": 4, "lr": 5e-3})
+    layers = sparse_layers(lm, cfg)
+    hook = MovementScores(layers, cfg.schedule, sparsity, steps)
+    rec = Recorder(hook, lm.module)
+    data = TrainData(ids())
+    Trainer(lm.module, ce_step, data, TrainConfig(steps=steps, batch_size=4, lr=5e-3, clip=0.5), hooks=rec,
+            progress=False).train()
+    return lm, layers, hook, rec, data
+
+
+def test_scores_equal_the_hand_accumulated_minus_w_times_grad():
+    lm, layers, hook, rec, data = _run()
+    assert len(rec.params) == 12
+    probe = copy.deepcopy(lm.module)
+    names = {f"{n}.weight" for n in layers}
+    want = {n: torch.zeros_like(layers[n].weight) for n in layers}
+    for t, params in enumerate(rec.params):  # step t+1: W^(t) and the gradient of its batch, by autograd
+        with torch.no_grad():
+            for n, p in probe.named_parameters():
+                p.copy_(params[n])
+        for n, m in probe.named_modules():  # the masks in force during step t+1
+            if isinstance(m, SparseLayer):
+                m.mask = rec_mask(rec, t + 1, n, layers[n].mask)
+        batch = data.batch(sample_order(len(data), t, 4, 0))
+        loss = hard_ce(probe(input_ids=batch.input_ids).logits, batch)
+        ws = [dict(probe.named_parameters())[k] for k in sorted(names)]
+        grads = torch.autograd.grad(loss, ws)
+        for k, w, g in zip(sorted(names), ws, grads):
+            want[k.removesuffix(".weight")] -= w.detach() * g
+    for n in layers:
+        torch.testing.assert_close(hook.scores[n], want[n], rtol=1e-5, atol=1e-7)
+        assert hook.scores[n].abs().sum() > 0
+
+
+def rec_mask(rec: Recorder, step: int, name: str, final: torch.Tensor) -> torch.Tensor:
+    """The mask a layer had while step ``step`` ran: the one recorded before the next pruning step."""
+    later = [s for s in sorted(rec.scores_at) if s >= step]
+    return rec.scores_at[later[0]][1][name] if later else final
+
+
+def test_hard_movement_keeps_exactly_the_top_scored_weights():
+    lm, layers, hook, rec, _ = _run()
+    assert sorted(rec.scores_at) == [6, 12]  # t0 = 6 (sparsity 0: nothing pruned), then the final step
+    scores, before = rec.scores_at[12]
+    for n, m in layers.items():
+        assert before[n].all()  # nothing was pruned before the last step
+        k = m.mask.numel() - round(0.7 * m.mask.numel())
+        top = torch.zeros(m.mask.numel(), dtype=torch.bool)
+        top[scores[n].flatten().topk(k).indices] = True
+        assert torch.equal(m.mask.flatten(), top), n
+        assert not m.weight.detach()[~m.mask].any()
+
+
+def test_soft_scores_get_the_straight_through_gradient():
+    lin = torch.nn.Linear(6, 3)
+    layer = MovementLayer(SparseLayer.from_module(lin, torch.ones(3, 6, dtype=torch.bool)), init=0.0, scale=4.0)
+    layer.tau = 0.4
+    x = torch.randn(5, 6)
+    gy = torch.randn(5, 3)
+    (layer(x) * gy).sum().backward()
+    w = lin.weight.detach()
+    g_w_eff = gy.t() @ x  # dL/dW' of y = x W'^T + b
+    # S = scale * raw: dL/draw = scale * dL/dS = scale * dL/dW' * W (mask all ones at sigmoid(0) = 0.5 > 0.4)
+    torch.testing.assert_close(layer.raw.grad, 4.0 * g_w_eff * w, rtol=1e-5, atol=1e-6)
+    layer.tau = 0.6  # every score below the threshold: everything masked, output = bias
+    torch.testing.assert_close(layer(x), lin.bias.detach().expand(5, 3))
+
+
+@pytest.mark.parametrize("variant", ["hard", "soft"])
+def test_stage_result_is_sparse_layer_pruning_that_saves_and_reloads(tmp_path, variant):
+    lm = mp.load(make_tiny_llama(seed=6, layers=1))
+    stage = {"method": "movement", "variant": variant, "sparsity": 0.6, "losses": [{"type": "ce"}],
+             "schedule": {"start": 0.25, "every": 2}, "regularization": 50.0, "score_lr": 0.5,
+             "train": {"steps": 8, "batch_size": 4, "lr": 1e-3}}
+    mp.compress(lm, {"stages": [stage]}, calib=ids(), progress=False)
+    sparse = [m for m in lm.module.modules() if isinstance(m, SparseLayer)]
+    assert len(sparse) == 7 and not any(isinstance(m, MovementLayer) for m in lm.module.modules())
+    if variant == "hard":
+        assert all(int((~m.mask).sum()) == round(0.6 * m.mask.numel()) for m in sparse)
+    else:  # the penalty pushed some scores under the threshold
+        assert sum(int((~m.mask).sum()) for m in sparse) > 0
+    back = mp.load(mp.save(lm, tmp_path / "out"))
+    x = ids(2, 8, seed=9)
+    with torch.no_grad():
+        assert torch.equal(lm.module(input_ids=x).logits, back.module(input_ids=x).logits)
+
+
+@pytest.mark.parametrize("stage, needle", [
+    ({"sparsity": 0.5, "schedule": {"initial": 0.6, "start": 0.1}}, "above the final sparsity"),
+    ({"schedule": {"initial": 0.2}}, "scores not yet accumulated"),
+    ({"variant": "soft", "pattern": "8x8", "sparsity": 0.5}, "unstructured"),
+    ({"threshold": 1.5}, "threshold"),
+])
+def test_bad_movement_configs_are_refused_at_load(stage, needle):
+    with pytest.raises(ModelpressError, match="stages\\[0\\]") as e:
+        parse_recipe({"stages": [{"method": "movement", **stage}]})
+    assert needle in str(e.value)
