@@ -92,25 +92,46 @@ def _print_layers(layers: list[dict[str, Any]], limit: int = 400) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .. import api
+    from ..core.progress import track
     from ..data.sources import DEFAULT_EVALUATION, check_source
     from ..eval.report import comparison, delta_pct, markdown
+    from ..eval.suite import evaluate_beyond_ppl, markdown_lines, read_plan_inputs
 
-    data = args.data or DEFAULT_EVALUATION
-    check_source(data, "data file")
+    plan = _eval_plan(args)
+    beyond = bool(plan.tasks or plan.behaviour or plan.lm_eval)
+    data = args.data or (None if beyond else DEFAULT_EVALUATION)  # tasks alone: no perplexity unless --data
+    for spec in filter(None, (data, args.data)):
+        check_source(spec, "data file")
+    read_plan_inputs(plan)  # a bad task or suite file fails before the slow model load
     lm = api.load(args.model, trust_remote_code=args.trust_remote_code)
-    res = api.evaluate(lm, data, **_eval_kwargs(args))
-    if args.baseline:
-        base = api.evaluate(api.load(args.baseline, trust_remote_code=args.trust_remote_code), data, **_eval_kwargs(args))
-        res["baseline"] = base
-        res["delta_ppl_pct"] = delta_pct(res["perplexity"], base["perplexity"])
+    base = api.load(args.baseline, trust_remote_code=args.trust_remote_code) if args.baseline else None
+    res: dict[str, Any] = api.evaluate(lm, data, **_eval_kwargs(args)) if data else {"model": lm.source}
+    if base is not None and data:
+        res["baseline"] = api.evaluate(base, data, **_eval_kwargs(args))
+        res["delta_ppl_pct"] = delta_pct(res["perplexity"], res["baseline"]["perplexity"])
+    if beyond or base is not None:
+        res.update(evaluate_beyond_ppl(lm, plan, base, progress=track))
     if args.json_out:
         write_json(args.json_out, res)
     if args.markdown:
-        rep = {"model": args.model, "eval": comparison(res.get("baseline"), res)}
-        Path(args.markdown).write_text(markdown(rep))
-    print(json.dumps({k: res[k] for k in ("perplexity", "tokens", "seq_len", "params", "size_bytes")} |
-                     ({"delta_ppl_pct": res["delta_ppl_pct"]} if "delta_ppl_pct" in res else {})))
+        rep = {"model": args.model, "eval": comparison(res.get("baseline"), res)} if data else {"model": args.model}
+        Path(args.markdown).write_text(markdown(rep) + "\n".join(markdown_lines(res)))
+    keys = ("perplexity", "tokens", "seq_len", "params", "size_bytes", "delta_ppl_pct")
+    summary = {k: res[k] for k in keys if k in res}
+    summary.update({f"{t}.{m}": v[m] for t, v in res.get("tasks", {}).items()
+                    for m in ("acc", "acc_norm", "exact_match", "flip_rate") if m in v})
+    summary.update({f"agreement.{k}": res["agreement"][k] for k in ("kl", "top1_agreement")} if "agreement" in res else {})
+    print(json.dumps(summary))
     return 0
+
+
+def _eval_plan(args: argparse.Namespace) -> Any:
+    from ..data.sources import DEFAULT_EVALUATION
+    from ..eval.suite import AGREEMENT_TOKENS, EvalPlan
+
+    return EvalPlan(tasks=tuple(args.tasks), behaviour=args.behaviour, lm_eval=tuple(args.lm_eval), limit=args.limit,
+                    agreement_text=args.data or DEFAULT_EVALUATION, agreement_tokens=args.max_tokens or AGREEMENT_TOKENS,
+                    seq_len=args.seq_len, join_lines=True if args.join_lines else None, token_budget=args.batch_tokens)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

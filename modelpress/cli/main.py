@@ -43,6 +43,19 @@ def _add_eval_opts(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument("--join-lines", action="store_true", help="join the text's non-empty lines with blank lines (WikiText-2 raw rows, GPTQ protocol)")
 
 
+def _add_task_opts(p: argparse.ArgumentParser) -> None:
+    """eval's options beyond perplexity (modelpress.eval.suite)."""
+    p.add_argument("--task", dest="tasks", action="append", default=[], metavar="FILE.jsonl",
+                   help="task file, repeatable: multiple choice {context, choices, label[, slice]} or generation "
+                        "{prompt, answer(s)}; reported under the file's stem (perplexity then runs only with --data)")
+    p.add_argument("--behaviour", metavar="SUITE", help="behavioural checks: YAML or JSONL prompts with expectations")
+    p.add_argument("--lm-eval", dest="lm_eval", action="append", default=[], metavar="TASK",
+                   help="lm-evaluation-harness task name or task YAML, repeatable (needs modelpress[lm-eval])")
+    p.add_argument("--limit", type=A.positive_int, default=None, help="first N items of each task")
+    p.add_argument("--batch-tokens", type=A.positive_int_up_to(1 << 20), default=1024,
+                   help="tokens per scoring batch (multiple choice; default 1024)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = OneLineParser(prog="modelpress", description="Compress models and measure what it cost.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--low-memory", action="store_true",
                    help="read decoder blocks from the safetensors files only when needed (models larger than RAM)")
 
-    e = sub.add_parser("eval", help="perplexity, size and memory of a model on a text file")
+    e = sub.add_parser("eval", help="perplexity, size and memory on a text; task accuracy, flips vs a baseline, behaviour")
     _add_model(e)
     e.add_argument("--data", default=None, help="UTF-8 text file, hf:DATASET[:CONFIG][:SPLIT] or bundled:NAME "
                                                 "(default: bundled:wikitext2, the WikiText-2 test set)")
@@ -83,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", dest="json_out", help="write the result as JSON here")
     e.add_argument("--markdown", help="write a Markdown report here")
     e.add_argument("--baseline", help="also evaluate this model and report the difference")
+    _add_task_opts(e)
 
     i = sub.add_parser("inspect", help="layers, roles, parameter counts and current formats")
     _add_model(i)
