@@ -73,7 +73,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="mp-bench-"))
     calib = mp.calibration_for(base, str(SHARED / "c4/c4_en_train_first1000.jsonl"), args.calib_samples, args.calib_seq_len)
     ev = torch.tensor(base.tokenizer.encode(read_text(SHARED / "wikitext2/wiki.test.raw", True))[: args.eval_tokens])
-    save_file({"calib": calib.contiguous(), "eval": ev.contiguous()}, str(work / "tokens.safetensors"))
+    save_file({"calib": calib.ids.contiguous(), "eval": ev.contiguous()}, str(work / "tokens.safetensors"))
     base_ppl = perplexity(base.module, ev, args.eval_seq_len).perplexity
     del base
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MODELPRESS_PROGRESS": "0"}

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -34,6 +36,7 @@ def main() -> None:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # modelpress from this checkout (not in the peer's venv)
     from modelpress.eval.perplexity import perplexity
 
     toks = load_file(args.tokens)
