@@ -54,7 +54,7 @@ class EoRAStage(ObservedBlockStage):
     """Block stage: Gram matrix per input set, then each quantised layer's residual factorised."""
 
     def __init__(self, cfg: EoRAConfig, selected: list[str]) -> None:
-        super().__init__(selected, lambda n: HessianAccumulator(n, dtype=torch.float64), self._compensate_set,
+        super().__init__(selected, HessianAccumulator, self._compensate_set,
                          cfg.true_sequential)
         self.cfg = cfg
         self._float: tuple[str, nn.Module] | None = None  # (block prefix, float reference block)

@@ -151,9 +151,8 @@ def asvd_stage(lm: LoadedModel, cfg: ASVDConfig) -> LowRankStage:
 
 def svdllm_stage(lm: LoadedModel, cfg: SVDLLMConfig) -> LowRankStage:
     layers = select_layers(lm, cfg)
-    # float64 Gram: the Cholesky factor of a float32 sum over ~30k tokens loses the small eigenvalues
-    return LowRankStage(cfg, [n for n, _ in layers], plan_ranks(layers, cfg),
-                        lambda n: HessianAccumulator(n, dtype=torch.float64),
+    # float32 running mean as GPTQ keeps it; whitening() factorises it in float64
+    return LowRankStage(cfg, [n for n, _ in layers], plan_ranks(layers, cfg), HessianAccumulator,
                         lambda W, acc, r: whitened_factor(W, acc.H, r, cfg.dampening), with_gram=True)
 
 

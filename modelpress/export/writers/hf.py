@@ -73,6 +73,8 @@ def _dense_copy(lm: LoadedModel, report: ExportReport) -> nn.Module:
 
     skel = skeleton(lm)
     layers = {n: m for n, m in lm.module.named_modules() if isinstance(m, QuantLinear) or getattr(m, "layer_tag", None)}
+    # a compressed layer inside another (a low-rank layer's quantised factor) is part of its parent's dense weight
+    layers = {n: m for n, m in layers.items() if not any(n.startswith(p + ".") for p in layers)}
     # copy only what stays (the compressed layers are rebuilt below, never deep-copied)
     stash = {n: m for n, m in layers.items()}
     for n in layers:
