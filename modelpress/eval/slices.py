@@ -8,11 +8,12 @@ change on the same items (paired):
 
     d_i   = new_i - base_i                 (sign flipped for lower-is-better metrics)
     gap_s = mean_{i in s} d_i - mean_all d_i
-    flag s  when  gap_s < -max(z * sd(d_s) / sqrt(n_s), min_gap)
+    se_s  = sd_all(d) * sqrt(1/n_s - 1/N)   (spread of gap_s if the slice were a random subset)
+    flag s  when  mean_{i in s} d_i < 0  and  gap_s < -max(z * se_s, min_gap)
 
-so a slice is flagged only when its extra loss is both beyond noise (``z`` standard errors of its
-own paired differences) and large enough to matter (``min_gap``, in the metric's units). A
-uniform degradation moves every slice with the mean and flags none.
+so a slice is flagged only when it got worse, and its extra loss is both beyond chance (``z``
+standard errors of a random subset of its size) and large enough to matter (``min_gap``, in the
+metric's units). A uniform degradation moves every slice with the mean and flags none.
 
 Example:
     >>> t = slice_table([1, 1, 1, 1, 0, 1], [1, 1, 1, 1, 0, 0], ["a", "a", "a", "a", "b", "b"])  # doctest: +SKIP
@@ -72,7 +73,7 @@ def slice_table(base: Sequence[float] | None, new: Sequence[float], labels: Sequ
     for lab, idx in sorted(groups.items()):
         row = _row(new_a[idx], None if base_a is None else base_a[idx])
         if d is not None:
-            row.update(_flag(d[idx], float(d.mean()), z, min_gap))
+            row.update(_flag(d[idx], d, z, min_gap))
             if row["flagged"]:
                 out["flagged"].append(lab)
         out["slices"][lab] = row
@@ -86,8 +87,9 @@ def _row(new: np.ndarray, base: np.ndarray | None) -> dict[str, Any]:
     return row
 
 
-def _flag(d: np.ndarray, mean_all: float, z: float, min_gap: float) -> dict[str, Any]:
-    gap = float(d.mean()) - mean_all
-    se = float(d.std(ddof=1)) / math.sqrt(d.size) if d.size > 1 else float("inf")
+def _flag(d_s: np.ndarray, d: np.ndarray, z: float, min_gap: float) -> dict[str, Any]:
+    gap = float(d_s.mean() - d.mean())
+    se = float(d.std(ddof=1)) * math.sqrt(max(1 / d_s.size - 1 / d.size, 0.0)) if d.size > 1 else 0.0
     threshold = max(z * se, min_gap)
-    return {"gap_vs_overall": gap, "threshold": threshold, "flagged": bool(d.size >= MIN_ITEMS and gap < -threshold)}
+    worse = d_s.size >= MIN_ITEMS and d_s.mean() < 0 and gap < -threshold
+    return {"gap_vs_overall": gap, "threshold": threshold, "flagged": bool(worse)}
