@@ -69,8 +69,9 @@ def write_compressed_tensors(lm: LoadedModel, output: str | Path, *, on_unsuppor
         groups.setdefault(key, {"weights": args, "format": codec.compression_format, "targets": []})["targets"].append(name)
         sd.update({f"{name}.{k}": v for k, v in codec.encode(qt).items()})
         report.add(f"{name}.weight", describe_format(m), _target_desc(args, codec.compression_format), how)
+    planned = {p[0] for p in plan}
     for n, m in lm.module.named_modules():
-        if isinstance(m, nn.Linear) and n not in {p[0] for p in plan}:
+        if isinstance(m, nn.Linear) and n not in planned and not any(n.startswith(p + ".") for p in planned):
             ignore.append(n)
     scheme = kv_cache.kv_cache_scheme() if kv_cache is not None else None
     if kv_cache is not None:
@@ -90,9 +91,11 @@ def _plan(lm: LoadedModel, policy: OnUnsupported) -> list[tuple[str, nn.Module, 
     dequantise reason (str). Refuses, listing every layer, when ``policy`` is ``refuse``."""
     skel = skeleton(lm)
     plan, problems = [], []
+    outer: list[str] = []  # a compressed layer inside another (a low-rank layer's quantised factor) is its parent's
     for name, m in lm.module.named_modules():
-        if not (isinstance(m, QuantLinear) or getattr(m, "layer_tag", None)):
+        if not (isinstance(m, QuantLinear) or getattr(m, "layer_tag", None)) or any(name.startswith(o + ".") for o in outer):
             continue
+        outer.append(name)
         if getattr(m, "layer_tag", None) == "sparse" and m.is_compressed_linear:
             plan.append((name, m, SPARSE_DENSE))  # float weights with zeros: nothing to refuse
             continue

@@ -166,6 +166,8 @@ def _weights(model: nn.Module) -> list[tuple[str, nn.Module | torch.Tensor]]:
     for name, m in model.named_modules():
         pre = f"{name}." if name else ""
         if isinstance(m, QuantLinear) or getattr(m, "layer_tag", None):
+            if name and _inside_compressed(model, name):
+                continue  # a low-rank layer's quantised factor: part of its parent's weight
             out.append((f"{pre}weight", m))
             if getattr(m, "bias", None) is not None:
                 out.append((f"{pre}bias", m.bias.detach()))
