@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..core.errors import ModelpressError
+from ..core.threads import blas_threads
 from ..quant.formats.base import Params, WeightFormat
 
 #: How many times the dampening is raised tenfold before giving up on a non-PD Hessian.
@@ -57,14 +58,15 @@ def upper_chol_of_inverse_(A: torch.Tensor) -> bool:
     F = A.numpy().T  # Fortran view of the same memory
     potrf, potri = lapack.get_lapack_funcs(("potrf", "potri"), (F,))
     ok = True
-    for step in (lambda a: potrf(a, lower=1, clean=0, overwrite_a=1), lambda a: potri(a, lower=1, overwrite_c=1),
-                 lambda a: potrf(a, lower=1, clean=0, overwrite_a=1)):
-        out, info = step(F)
-        if out.ctypes.data != F.ctypes.data:  # the wrapper copied after all: keep working in A
-            F[...] = out
-        if info != 0:
-            ok = False
-            break
+    with blas_threads(torch.get_num_threads()):
+        for step in (lambda a: potrf(a, lower=1, clean=0, overwrite_a=1), lambda a: potri(a, lower=1, overwrite_c=1),
+                     lambda a: potrf(a, lower=1, clean=0, overwrite_a=1)):
+            out, info = step(F)
+            if out.ctypes.data != F.ctypes.data:  # the wrapper copied after all: keep working in A
+                F[...] = out
+            if info != 0:
+                ok = False
+                break
     if ok and bool(torch.isfinite(A).all()):
         A.triu_()
         return True

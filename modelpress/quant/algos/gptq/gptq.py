@@ -12,7 +12,6 @@ and what is stored is exactly what the column loop used.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -27,9 +26,6 @@ from ...granularity import PerGroup
 #: Columns whose OBS updates are applied one by one inside a block; the rest of the block receives
 #: them batched (see :class:`_ColumnLoop`).
 INNER = 16
-
-#: Rows per thread below which the column loop stays on one thread.
-MIN_ROWS_PER_THREAD = 256
 
 
 @dataclass
@@ -144,16 +140,13 @@ def gptq_quantize(
     static = None if dynamic else [_group_params(params, g) for g in range(params_groups(params))]
     step = math.gcd(blocksize, groupsize, INNER) if dynamic else min(blocksize, INNER)
     loop = _ColumnLoop(Hinv, plan, static, group_of, groupsize, blocksize, step, dynamic)
-    chunks = _row_chunks(rows, fmt)  # rows are independent: one chunk per thread
-    with torch_threads(1):  # tiny per-column ops: one thread each avoids OpenMP spin-waits
-        if len(chunks) == 1:
-            fitted = [loop.run(WT, QT, codesT, row_loss)]
-        else:
-            with ThreadPoolExecutor(len(chunks)) as pool:
-                fitted = list(pool.map(lambda r: loop.run(WT[:, r], QT[:, r], codesT[:, r], row_loss[r], r), chunks))
+    # One thread for the column loop: its ops are tiny, so torch's threads only spin-wait, and row
+    # chunks on Python threads were measured 3x slower (they serialise on the GIL between ops).
+    with torch_threads(1):
+        fitted = loop.run(WT, QT, codesT, row_loss)
 
-    if dynamic:  # (rows, n_groups, 1) per parameter, chunks stacked back by row
-        params = {k: torch.cat([torch.cat([p[k] for p in f], dim=1) for f in fitted], dim=0) for k in fitted[0][0]}
+    if dynamic:  # (rows, n_groups, 1) per parameter
+        params = {k: torch.cat([p[k] for p in fitted], dim=1) for k in fitted[0]}
     del WT, Hinv
     if act_order:  # back to the original column order (each a single copy, the permuted one freed)
         invperm = torch.argsort(perm)
@@ -166,7 +159,7 @@ def gptq_quantize(
 
 @dataclass
 class _ColumnLoop:
-    """GPTQ's column loop over some rows of ``WT`` (columns, rows), writing their codes and values.
+    """GPTQ's column loop over ``WT`` (columns, rows), writing their codes and values.
 
     Within each ``blocksize`` block the OBS updates of a column reach the next ``step - 1``
     columns one by one (rank-1) and the rest of the block once per ``step`` columns (one matmul
@@ -184,8 +177,7 @@ class _ColumnLoop:
     step: int
     dynamic: bool
 
-    def run(self, WT: torch.Tensor, QT: torch.Tensor, codesT: torch.Tensor, row_loss: torch.Tensor,
-            rows: slice = slice(None)) -> list[Params]:
+    def run(self, WT: torch.Tensor, QT: torch.Tensor, codesT: torch.Tensor, row_loss: torch.Tensor) -> list[Params]:
         """Quantise every column of ``WT`` (updated in place); returns the dynamically fitted groups."""
         fitted: list[Params] = []
         columns = WT.shape[0]
@@ -194,13 +186,13 @@ class _ColumnLoop:
             W1 = WT[i1:i2].clone()  # (count, rows)
             Err1 = torch.zeros_like(W1)  # (count, rows): (w - q) / d per column
             for j1 in range(0, i2 - i1, self.step):
-                self._steps(WT, W1, Err1, QT, codesT, i1, j1, min(j1 + self.step, i2 - i1), fitted, rows)
+                self._steps(WT, W1, Err1, QT, codesT, i1, j1, min(j1 + self.step, i2 - i1), fitted)
             row_loss += Err1.pow(2).sum(0).double() / 2  # Losses1 = (w - q)^2 / d^2
             WT[i2:] -= self.Hinv[i1:i2, i2:].T.matmul(Err1)  # the lazy batch update
         return fitted
 
     def _steps(self, WT: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, QT: torch.Tensor,
-               codesT: torch.Tensor, i1: int, j1: int, j2: int, fitted: list[Params], rows: slice) -> None:
+               codesT: torch.Tensor, i1: int, j1: int, j2: int, fitted: list[Params]) -> None:
         """Columns ``i1 + j1 .. i1 + j2`` one by one, then their update of the rest of the block."""
         Hinv1 = self.Hinv[i1:i1 + W1.shape[0], i1:i1 + W1.shape[0]]  # (count, count)
         for i in range(j1, j2):
@@ -210,7 +202,7 @@ class _ColumnLoop:
                 Wg = _current_columns(WT, W1, Err1, self.Hinv, i1, i, j)
                 Wg = F.pad(Wg.T, (0, self.groupsize - Wg.shape[0]))  # (rows, G), zero padded as fmt.grouped does
                 fitted.append(self.plan.fit(Wg.unsqueeze(1), first_group=(i1 + i) // self.groupsize))
-            p = fitted[-1] if self.dynamic else _row_params(self.static[self.group_of[i1 + i]], rows)
+            p = fitted[-1] if self.dynamic else self.static[self.group_of[i1 + i]]
             c, q = quantize_column(self.plan.fmt, w, p)
             codesT[i1 + i] = c
             QT[i1 + i] = q
@@ -219,22 +211,6 @@ class _ColumnLoop:
                 W1[i + 1:j2] -= Hinv1[i, i + 1:j2].unsqueeze(1) * err1.unsqueeze(0)  # rank-1 OBS update
         if j2 < W1.shape[0]:
             W1[j2:] -= Hinv1[j1:j2, j2:].T.matmul(Err1[j1:j2])  # the step's columns, batched
-
-
-def _row_chunks(rows: int, fmt: WeightFormat) -> list[slice]:
-    """Rows split for the threads torch may use (one chunk when parameters span rows)."""
-    n = min(torch.get_num_threads(), rows // MIN_ROWS_PER_THREAD)
-    if n < 2 or not fmt.row_wise:
-        return [slice(None)]
-    bounds = [rows * k // n for k in range(n + 1)]
-    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
-
-
-def _row_params(p: Params, rows: slice) -> Params:
-    """``p`` (rows | 1, ...) restricted to ``rows``."""
-    if rows == slice(None):
-        return p
-    return {k: v[rows] if v.shape[0] > 1 else v for k, v in p.items()}
 
 
 def params_groups(params: Params) -> int:
