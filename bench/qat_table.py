@@ -1,0 +1,186 @@
+"""QAT (EfficientQAT: Block-AP then E2E-QP) beside RTN and GPTQ on one model, one run: PPL, ΔPPL,
+bits/weight, training tokens, wall and CPU seconds.
+
+Loads the model once and evaluates the float baseline; for each bit width: RTN and GPTQ (built-ins
+or the same recipe at that width), then Block-AP alone (evaluated), then E2E-QP on the Block-AP
+model (evaluated again): the two QAT rows are the two halves of the ``qat-wN-g64`` recipe, with
+E2E-QP's teacher the float model (a reference snapshot of it). CPU seconds are reported beside wall
+seconds: with ``--threads 1`` they are what the job itself cost on a shared machine.
+
+Default budget: the built-in recipe's. ``--block-samples`` / ``--block-epochs`` / ``--e2e-steps``
+override it (a reduced budget, labelled as such in the table).
+
+    python bench/qat_table.py --threads 1 --out bench/results/qat_table
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="bundled:smollm2-135m-instruct")
+    ap.add_argument("--bits", nargs="+", type=int, default=[3, 2])
+    ap.add_argument("--eval-data", default="/work/shared/data/wikitext2/wiki.test.raw")
+    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--eval-seq-len", type=int, default=1024)
+    ap.add_argument("--calib", default="bundled:c4")
+    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--calib-seq-len", type=int, default=512)
+    ap.add_argument("--train-samples", type=int, default=256, help="E2E-QP training sequences (bundled C4)")
+    ap.add_argument("--train-seq-len", type=int, default=256)
+    ap.add_argument("--block-samples", type=int, default=None, help="override the recipe's Block-AP samples")
+    ap.add_argument("--block-epochs", type=int, default=None, help="override the recipe's Block-AP epochs")
+    ap.add_argument("--e2e-steps", type=int, default=None, help="override the recipe's E2E-QP steps")
+    ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", required=True, help="output path without extension (.json and .md are written)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("MODELPRESS_PROGRESS", "0")
+    import modelpress as mp
+    from modelpress.data.sources import read_text
+    from modelpress.eval.perplexity import perplexity
+    from modelpress.quant.qlinear import cached_dequant
+
+    base_lm = mp.load(args.model)
+    ids = base_lm.tokenizer.encode(read_text(args.eval_data, True))[: args.eval_tokens]
+    bos = base_lm.tokenizer.bos_token_id if base_lm.add_bos else None
+    calib = mp.calibration_for(base_lm, args.calib, args.calib_samples, args.calib_seq_len)
+    train = mp.training_for(base_lm, args.calib, args.train_samples, args.train_seq_len, seed=1)
+    reduced = any(v is not None for v in (args.block_samples, args.block_epochs, args.e2e_steps))
+
+    def ppl(module: torch.nn.Module) -> float:
+        with cached_dequant():
+            return perplexity(module, ids, args.eval_seq_len, bos_token_id=bos).perplexity
+
+    def fresh():
+        lm = mp.load(copy.deepcopy(base_lm.module))
+        lm.tokenizer, lm.add_bos, lm.source = base_lm.tokenizer, base_lm.add_bos, base_lm.source
+        return lm
+
+    meta = {**{k: getattr(args, k) for k in ("model", "eval_data", "eval_tokens", "eval_seq_len", "calib", "calib_samples",
+                                              "calib_seq_len", "train_samples", "train_seq_len", "threads",
+                                              "block_samples", "block_epochs", "e2e_steps")},
+            "budget": "reduced" if reduced else "recipe default",
+            "torch": torch.__version__, "machine": os.uname().nodename, "cpus": os.cpu_count()}
+    base = ppl(base_lm.module)
+    rows = [{"recipe": "baseline (fp32)", "perplexity": base, "delta_ppl_pct": 0.0, "bits_per_weight": 32.0}]
+
+    def add(name: str, lm, rep: dict, wall: float, cpu: float, tokens: str, load: tuple[float, float]) -> None:
+        p = ppl(lm.module)
+        rows.append({"recipe": name, "perplexity": p, "delta_ppl_pct": 100 * (p - base) / base,
+                     "bits_per_weight": rep.get("mean_bits_per_weight"), "compress_s": wall, "compress_cpu_s": cpu,
+                     "train_tokens": tokens, "peak_rss_gib": rep.get("peak_rss_bytes", 0) / 2**30,
+                     "load_avg_1min": list(load)})
+        print(json.dumps(rows[-1]), flush=True)
+        write(args.out, meta, rows)  # after every row: a stopped run keeps what it measured
+
+    for bits in args.bits:
+        for method in ("rtn", "gptq"):
+            name = f"{method}-w{bits}-g64"
+            recipe = name if name in mp_builtins() else {"name": name, "stages": [_ptq_stage(method, bits)]}
+            lm, l0 = fresh(), os.getloadavg()[0]
+            rep = mp.compress(lm, recipe, calib=calib, progress=False)
+            add(name, lm, rep, rep["compress_s"], rep["compress_cpu_s"], "0", (l0, os.getloadavg()[0]))
+        stages = load_qat(bits, args)
+        lm, l0 = fresh(), os.getloadavg()[0]
+        rep = mp.compress(lm, {"name": f"qat-w{bits}-g64 block-ap", "stages": [stages[0]]}, calib=calib, progress=False)
+        blocks = [m for s in rep["stages"] for m in s["metrics"] if m.get("stage") == "block-ap"]
+        per_block = blocks[0]["tokens"] if blocks else 0
+        add(f"qat-w{bits}-g64: Block-AP{' (reduced)' if reduced else ''}", lm, rep, rep["compress_s"], rep["compress_cpu_s"],
+            f"{per_block:,} per block x {len(blocks)}", (l0, os.getloadavg()[0]))
+        if args.skip_e2e:
+            continue
+        l0, t0, c0 = os.getloadavg()[0], time.perf_counter(), time.process_time()
+        result = e2e(base_lm, lm, stages[1], train)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        rep2 = {"mean_bits_per_weight": rep["mean_bits_per_weight"], "peak_rss_bytes": _peak()}
+        add(f"qat-w{bits}-g64: Block-AP + E2E-QP{' (reduced)' if reduced else ''}", lm, rep2,
+            rep["compress_s"] + wall, rep["compress_cpu_s"] + cpu,
+            f"{per_block:,} per block x {len(blocks)} + {result['tokens']:,} end to end", (l0, os.getloadavg()[0]))
+
+
+def mp_builtins() -> set[str]:
+    from modelpress.pipeline.recipe import builtin_recipes
+
+    return set(builtin_recipes())
+
+
+def _ptq_stage(method: str, bits: int) -> dict:
+    stage = {"method": method, "ignore": ["lm_head"], "format": {"type": "int", "bits": bits, "symmetric": True,
+                                                                "granularity": 64}}
+    if method == "gptq":
+        stage.update(act_order=True, true_sequential=True, dampening_frac=0.01)
+    return stage
+
+
+def load_qat(bits: int, args: argparse.Namespace) -> list[dict]:
+    """The ``qat-w{bits}-g64`` recipe's two stages as dicts, with the budget overrides applied."""
+    from modelpress.pipeline.recipe import load_recipe
+
+    ap, e2e_stage = [s.to_dict() for s in load_recipe(f"qat-w{bits}-g64").stages]
+    if args.block_samples is not None:
+        ap["samples"] = args.block_samples
+    if args.block_epochs is not None:
+        ap["epochs"] = args.block_epochs
+    if args.e2e_steps is not None:
+        e2e_stage["train"]["steps"] = args.e2e_steps
+    return [ap, e2e_stage]
+
+
+def e2e(float_lm, lm, stage: dict, train) -> dict:
+    """E2E-QP on ``lm`` with the float model as teacher (the recipe's second stage, run on its own)."""
+    from modelpress.core.method import StageContext
+    from modelpress.pipeline.recipe import parse_recipe
+    from modelpress.pipeline.reference import FloatReference
+    from modelpress.quant.algos.qat.e2e import run_e2e_qp
+
+    cfg = parse_recipe({"stages": [stage]}).stages[0]
+    with tempfile.TemporaryDirectory() as d:
+        ref = FloatReference.snapshot(float_lm, d)
+        ctx = StageContext(train=train, reference=ref, grad=True)
+        try:
+            with torch.enable_grad():
+                run_e2e_qp(lm, cfg, ctx)
+        finally:
+            ref.close()
+    return ctx.metrics[-1]
+
+
+def _peak() -> int:
+    from modelpress.eval.size import peak_rss_bytes
+
+    return peak_rss_bytes()
+
+
+def write(out: str, meta: dict, rows: list[dict]) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    budget = ("REDUCED budget: Block-AP samples {block_samples}, epochs {block_epochs}, E2E-QP steps {e2e_steps} "
+              "(None: the recipe's)".format(**meta) if meta["budget"] == "reduced" else "the built-in recipes' default budget")
+    lines = [f"# {meta['model']}: RTN vs GPTQ vs QAT (EfficientQAT), perplexity on {Path(meta['eval_data']).name}", "",
+             f"first {meta['eval_tokens']} tokens, {meta['eval_seq_len']}-token windows; calibration {meta['calib_samples']} x "
+             f"{meta['calib_seq_len']} tokens from {meta['calib']} (GPTQ Hessians, Block-AP training); E2E-QP trains on "
+             f"{meta['train_samples']} x {meta['train_seq_len']} tokens of {meta['calib']} (another sample); {budget}; "
+             f"{meta['threads']} thread(s), torch {meta['torch']}, {meta['cpus']} CPUs", "",
+             "| recipe | bits/weight | PPL | ΔPPL | training tokens | compress wall s | compress CPU s | peak RSS GiB | load avg (before, after) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = (f"{r['train_tokens']} | {r['compress_s']:.0f} | {r['compress_cpu_s']:.0f} | {r['peak_rss_gib']:.2f} | "
+             f"{r['load_avg_1min'][0]:.1f}, {r['load_avg_1min'][1]:.1f}") if "compress_s" in r else "- | - | - | - | -"
+        lines.append(f"| {r['recipe']} | {r['bits_per_weight']:.3f} | {r['perplexity']:.3f} | {r['delta_ppl_pct']:+.2f}% | {t} |")
+    Path(out + ".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
