@@ -178,3 +178,24 @@ def test_run_time_refusals_name_the_layer(base):
 def test_builtin_recipes_load():
     assert load_recipe("svdllm-r20").stages[0].param_ratio == 0.8
     assert [s.method for s in load_recipe("gptq-w3-g64-lr32").stages] == ["gptq", "eora"]
+
+
+def test_nested_quantised_layers_export_as_their_parents_dense_weight(base, tmp_path):
+    """EoRA's quantised base is part of the compensated layer: the exports write one dense weight per
+    layer (Q + B A), never the base's packed tensors under a ``.base.`` name."""
+    from safetensors.torch import load_file
+
+    from modelpress.export.export import export
+
+    lm, _ = compressed(base, [{"method": "rtn", "format": {"type": "int", "bits": 4, "granularity": 16}},
+                              {"method": "eora", "rank": 4}])
+    comp = layers_of(lm.module, CompensatedLinear)
+    with pytest.raises(ModelpressError, match="compensated"):
+        export(lm, "compressed-tensors", tmp_path / "ct0")
+    export(lm, "compressed-tensors", tmp_path / "ct", on_unsupported="dequantize")
+    sd = load_file(str(tmp_path / "ct" / "model.safetensors"))
+    assert not [k for k in sd if ".base." in k or k.endswith((".A.weight", ".B.weight"))]
+    for n, m in comp.items():
+        assert torch.equal(sd[f"{n}.weight"], m.dequantized_weight())
+    rep = export(lm, "gguf", tmp_path / "m.gguf", on_unsupported="dequantize")
+    assert rep.counts().get("dequantized") == len(comp) and not [t for t in rep.tensors if ".base" in t.name]

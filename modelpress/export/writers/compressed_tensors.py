@@ -51,7 +51,7 @@ def write_compressed_tensors(lm: LoadedModel, output: str | Path, *, on_unsuppor
     groups: dict[str, dict[str, Any]] = {}
     ignore: list[str] = []
     for name, m, action in plan:
-        for k in [k for k in sd if k.startswith(name + ".") and "." not in k[len(name) + 1:]]:
+        for k in [k for k in sd if k.startswith(name + ".")]:  # the layer's own tensors and its children's
             del sd[k]
         bias = getattr(m, "bias", None)
         if bias is not None:
