@@ -56,7 +56,9 @@ def main() -> None:
     ids = base_lm.tokenizer.encode(read_text(args.eval_data, True))[: args.eval_tokens]
     bos = base_lm.tokenizer.bos_token_id if base_lm.add_bos else None
     calib = mp.calibration_for(base_lm, args.calib, args.calib_samples, args.calib_seq_len)
-    train = mp.training_for(base_lm, args.calib, args.train_samples, args.train_seq_len, seed=1)
+    from modelpress.api import training_for
+
+    train = training_for(base_lm, args.calib, args.train_samples, args.train_seq_len, seed=1)
     reduced = any(v is not None for v in (args.block_samples, args.block_epochs, args.e2e_steps))
 
     def ppl(module: torch.nn.Module) -> float:

@@ -239,8 +239,8 @@ def test_block_ap_lowers_block_output_error_below_rtn_and_gptq():
     m = _tiny()
     rtn, _, _ = _block_errors(m, [{"method": "rtn", "format": FMT}])
     gptq, _, _ = _block_errors(m, [{"method": "gptq", "format": FMT}])
-    ap, lm, rep = _block_errors(m, [{"method": "block-ap", "format": FMT, "samples": 8, "epochs": 8,
-                                      "weight_lr": 1e-3, "quant_lr": 1e-3}])
+    ap, lm, rep = _block_errors(m, [{"method": "block-ap", "format": FMT, "samples": 8, "epochs": 20,
+                                      "weight_lr": 3e-4, "quant_lr": 3e-4}])
     for i, (a, r, g) in enumerate(zip(ap, rtn, gptq)):
         assert a < 0.8 * r and a < g, f"block {i}: block-ap {a:.4f}, rtn {r:.4f}, gptq {g:.4f}"
     assert all(type(mod).__name__ == "QuantLinear" for n, mod in lm.module.named_modules() if n.endswith("_proj"))
@@ -252,8 +252,8 @@ def test_block_ap_from_a_gptq_start_keeps_its_grid_type_and_improves():
     m = _tiny()
     gptq, _, _ = _block_errors(m, [{"method": "gptq", "format": FMT}])
     both, lm, _ = _block_errors(m, [{"method": "gptq", "format": FMT},
-                                    {"method": "block-ap", "samples": 8, "epochs": 8, "weight_lr": 1e-3,
-                                     "quant_lr": 1e-3, "format": {"type": "int", "bits": 8}}])
+                                    {"method": "block-ap", "samples": 8, "epochs": 20, "weight_lr": 3e-4,
+                                     "quant_lr": 3e-4, "format": {"type": "int", "bits": 8}}])
     assert all(b < g for b, g in zip(both, gptq)), (both, gptq)
     q = lm.module.model.layers[0].self_attn.q_proj
     assert q.fmt.to_dict() == format_from_dict(FMT).to_dict()  # the GPTQ layer's own format, not the stage's
