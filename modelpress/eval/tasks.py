@@ -152,7 +152,7 @@ def _string(p: Path, line: int, rec: dict[str, Any], key: str, default: str | No
 
 def _slice(p: Path, line: int, rec: dict[str, Any]) -> str | None:
     v = rec.get("slice")
-    if v is not None and not isinstance(v, (str, int)) or isinstance(v, bool):
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (str, int))):
         raise ModelpressError(f"{p}:{line}: 'slice' must be a string, got {_type(v)}")
     return None if v is None else str(v)
 

@@ -129,6 +129,8 @@ GOOD = {"context": "c", "choices": ["a", "b"], "label": 0}
     ({"context": 3, "choices": ["a", "b"], "label": 0}, "'context' is a number"),
     ('{"context": "c", "choices": ["a"', "invalid JSON"),
     ("[1, 2]", "expected a JSON object"),
+    ({"context": "c", "choices": ["a", "b"], "label": 0, "slice": True}, "'slice' must be a string"),
+    ({"context": "c", "choices": ["a", "b"], "label": 0, "slice": ["x"]}, "'slice' must be a string"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, bad, needle):
     p = _write(tmp_path, [GOOD, "", bad])

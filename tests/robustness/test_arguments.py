@@ -23,7 +23,7 @@ HUGE = str(10**12)
 #: Counts and lengths: 0 and negative values are refused.
 POSITIVE = {
     "compress": {"--calib-samples", "--calib-seq-len", "--eval-max-tokens", "--eval-seq-len", "--eval-stride"},
-    "eval": {"--max-tokens", "--seq-len", "--stride"},
+    "eval": {"--max-tokens", "--seq-len", "--stride", "--limit", "--batch-tokens"},
     "bench": {"--threads", "--batches", "--prompt-len", "--new-tokens", "--bandwidth-mib"},
 }
 #: Windows: one token predicts nothing, so 1 is refused too.

@@ -42,6 +42,8 @@ def _argv(kind: str, path: Path, model_dir: Path, text_file: Path, out: Path) ->
                 "--output", out]
     if kind == "data":
         return ["eval", "--model", model_dir, "--data", path, "--seq-len", "32"]
+    if kind in ("task", "behaviour"):
+        return ["eval", "--model", model_dir, f"--{kind}", path]
     raise AssertionError(kind)
 
 
@@ -169,6 +171,8 @@ CASES["data"] = {
     "folder": _folder("data.txt"),
 }
 CASES["eval-data"] = dict(CASES["data"])
+CASES["task"] = dict(CASES["data"])  # eval --task FILE.jsonl (content errors: tests/eval/test_tasks.py)
+CASES["behaviour"] = dict(CASES["data"])  # eval --behaviour SUITE (content errors: tests/eval/test_behaviour_generation.py)
 
 
 def _rows():
