@@ -23,6 +23,11 @@ import torch
 
 RECIPES = ["svd-r20", "asvd-r20", "svdllm-r20", "gptq-w3-g64", "gptq-w3-g64-lr32"]
 FACTORISING = ("svd", "asvd", "svdllm")
+_W3G64 = {"type": "int", "bits": 3, "symmetric": True, "granularity": 64}
+#: Recipes of this table only (usable in --recipes by name): compensation after the data-free quantiser,
+#: which costs one calibration pass instead of GPTQ's.
+LOCAL = {"rtn-w3-g64-lr32": {"name": "rtn-w3-g64-lr32", "stages": [
+    {"method": "rtn", "ignore": ["lm_head"], "format": _W3G64}, {"method": "eora", "ignore": ["lm_head"], "rank": 32}]}}
 
 
 def block_weights(module: torch.nn.Module) -> int:
@@ -42,7 +47,7 @@ def bits_per_weight(report: dict) -> float | None:
 
 def recipe_list(names: list[str], ratios: list[float]) -> list[tuple[str, object]]:
     """(label, recipe) rows: the named recipes, then each factorising method at every extra ratio."""
-    rows: list[tuple[str, object]] = [(n, n) for n in names]
+    rows: list[tuple[str, object]] = [(n, LOCAL.get(n, n)) for n in names]
     for r in ratios:
         for m in FACTORISING:
             rows.append((f"{m}-keep{r:g}", {"name": f"{m}-keep{r:g}", "stages": [
