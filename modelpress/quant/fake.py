@@ -165,7 +165,8 @@ _MIN_STEP = 1e-6
 class LearnedGridLinear(FakeQuantLinear):
     """A FakeQuantLinear on an integer grid whose scales (and zero points) are parameters too (LSQ / LSQ+).
 
-    ``scale`` and ``zero`` are (rows, n_groups, 1) compute-form parameters. The forward pass uses them
+    ``scale`` (the step size as a multiple of its start) and ``zero`` (in codes) are (rows, n_groups, 1)
+    parameters; :meth:`step_size` is the step they give. The forward pass uses them
     rounded to what the format stores (an ``int`` zero point to an integer in ``0..qmax``, a float16
     scale to float16), through the format's own encode-decode, so :meth:`to_quant` packs exactly the
     computed weight; the gradients are LSQ's (:func:`lsq_fake_quant`).
@@ -186,7 +187,10 @@ class LearnedGridLinear(FakeQuantLinear):
                                   "per-channel or per-group scales is needed)")
         super().__init__(fmt, weight, stored, bias, mask)
         p = self.params
-        self.scale = nn.Parameter(p["scale"].clone())  # (rows, n_groups, 1)
+        # the step size is trained as a multiple of its start, ``s = scale * s0``: an optimizer step then
+        # changes it by the same *fraction* at 2 bits as at 8 (whose steps are 100x smaller)
+        self.register_buffer("s0", p["scale"].clone(), persistent=False)  # (rows, n_groups, 1)
+        self.scale = nn.Parameter(torch.ones_like(p["scale"]))
         self.zero = nn.Parameter(p["zero"].to(torch.float32), requires_grad=learn_zero) if "zero" in p else None
         self.register_buffer("codes", None, persistent=False)  # set by freeze_codes
         self.g = 1.0 / math.sqrt(fmt.group_size(weight.shape[1]) * fmt.qmax)
@@ -196,10 +200,14 @@ class LearnedGridLinear(FakeQuantLinear):
         qt = q.qtensor()
         return cls(q.fmt, qt.dequantize(torch.float32), qt.params, q.bias, mask, learn_zero)
 
+    def step_size(self) -> torch.Tensor:
+        """The step sizes the forward pass uses now, (rows, n_groups, 1) (stored precision)."""
+        return self.grid()[0].detach()
+
     def grid(self) -> tuple[torch.Tensor, torch.Tensor | float]:
         """(scale, zero) at stored precision forward, straight-through backward; zero is the
         symmetric grid's fixed centre when there is no zero point."""
-        s = self.scale.clamp_min(_MIN_STEP)  # a step trained to 0 or below would divide by 0
+        s = (self.scale * self.s0).clamp_min(_MIN_STEP)  # a step trained to 0 or below would divide by 0
         z: torch.Tensor | float
         if self.zero is None:
             z = float(self.fmt.mid)  # symmetric: codes centred on 2**(bits-1)

@@ -12,7 +12,7 @@ Example recipe::
 
     stages:
       - {method: block-ap, format: {type: int, bits: 3, granularity: 64, symmetric: false}}
-      - {method: e2e-qp, train: {steps: 100, batch_size: 4, lr: 2.0e-5}}
+      - {method: e2e-qp, train: {steps: 100, batch_size: 4, lr: 1.0e-3}}
 """
 from __future__ import annotations
 
@@ -41,13 +41,13 @@ class E2EQPConfig(MethodConfig):
 
     Example:
         >>> E2EQPConfig().train.lr
-        2e-05
+        0.001
     """
 
     needs_float_weights: ClassVar[bool] = False  # it trains quantised layers
 
     method: Literal["e2e-qp"] = "e2e-qp"
-    train: TrainConfig = TrainConfig(steps=100, batch_size=4, lr=2e-5)
+    train: TrainConfig = TrainConfig(steps=100, batch_size=4, lr=1e-3)  # lr: a fraction of each step size per step
     temperature: float = Field(1.0, gt=0, description="KD temperature of the float model's logits")
 
     @model_validator(mode="after")

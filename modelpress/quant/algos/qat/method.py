@@ -57,9 +57,10 @@ class BlockAPConfig(MethodConfig):
         format: the grid of layers that are still float (quantised layers keep their own).
         samples: calibration sequences trained on (the first ones; at most as many as given).
         epochs, batch_size: passes over them, sequences per optimizer step.
-        weight_lr, quant_lr: AdamW learning rates of the weights and of the grids (0: frozen).
-        grid: ``learned`` trains step sizes and zero points (integer grids only), ``fixed`` keeps the
-            grid, ``auto`` learns it where the format allows.
+        weight_lr, quant_lr: AdamW learning rates of the weights and of the grids (0: frozen); the step
+            sizes train as multiples of their start, so ``quant_lr`` is a fraction per step at any width.
+        step_sizes: ``learned`` trains step sizes and zero points (integer grids only), ``fixed``
+            keeps the grid, ``auto`` learns them where the format allows.
         learn_zero: LSQ+: train the zero points too (asymmetric grids).
 
     Example:
@@ -75,9 +76,9 @@ class BlockAPConfig(MethodConfig):
     epochs: int = Field(2, ge=1)
     batch_size: int = Field(2, ge=1, description="sequences per optimizer step")
     weight_lr: float = Field(2e-5, ge=0)
-    quant_lr: float = Field(1e-4, ge=0)
+    quant_lr: float = Field(5e-3, ge=0, description="relative: a step size moves by about this fraction per step")
     weight_decay: float = Field(0.0, ge=0)
-    grid: GridMode = "auto"
+    step_sizes: GridMode = "auto"
     learn_zero: bool = True
     seed: int = Field(0, ge=0)
 
@@ -91,12 +92,12 @@ class BlockAPConfig(MethodConfig):
         if self.samples < self.batch_size:
             raise ValueError(f"samples {self.samples} < batch_size {self.batch_size}: the training budget is "
                              "too small for one optimizer step")
-        if self.grid == "learned" and not learnable_grid(self.format):
-            raise ValueError(f"grid 'learned' needs an integer format with per-channel or per-group scales; "
-                             f"format {self.format.to_dict()} has no learnable step size (use grid: fixed)")
-        grid_trains = self.quant_lr > 0 and self.grid != "fixed" and learnable_grid(self.format)
+        if self.step_sizes == "learned" and not learnable_grid(self.format):
+            raise ValueError(f"step_sizes 'learned' needs an integer format with per-channel or per-group scales; "
+                             f"format {self.format.to_dict()} has no learnable step size (use step_sizes: fixed)")
+        grid_trains = self.quant_lr > 0 and self.step_sizes != "fixed" and learnable_grid(self.format)
         if self.weight_lr == 0 and not grid_trains:
-            raise ValueError("nothing to train: weight_lr is 0 and the grid is fixed (grid: fixed, quant_lr 0, or a "
+            raise ValueError("nothing to train: weight_lr is 0 and the grid is fixed (step_sizes: fixed, quant_lr 0, or a "
                              f"format without learnable step sizes: {self.format.type})")
         return self
 
@@ -156,7 +157,7 @@ class BlockAPStage:
         else:
             ctx.warn(f"block-ap: {name} is a {type(m).__name__}, which it does not train; left as it is")
             return None
-        learn = self.cfg.grid != "fixed" and learnable_grid(q.fmt)
+        learn = self.cfg.step_sizes != "fixed" and learnable_grid(q.fmt)
         f = LearnedGridLinear.from_quant(q, mask, self.cfg.learn_zero) if learn else FakeQuantLinear.from_quant(q)
         if mask is not None and not learn:
             f.mask = mask.to(torch.bool)
