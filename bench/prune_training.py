@@ -40,10 +40,10 @@ def main() -> None:
     ap.add_argument("--model", default=str(SHARED / "stories260k" / "stories260K.bin"))
     ap.add_argument("--text", default=str(SHARED / "tinystories" / "tinystories_val_head.txt"))
     ap.add_argument("--sparsity", type=float, default=0.9)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=None, help="default: the built-in recipes' (400)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the built-in recipes' (8)")
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=None, help="default: the built-in recipes' (1e-3)")
     ap.add_argument("--windows", type=int, default=1024, help="training windows drawn from the training text")
     ap.add_argument("--eval-chars", type=int, default=100_000)
     ap.add_argument("--rows", nargs="*", default=[r for r, _ in ROWS])
@@ -71,6 +71,9 @@ def main() -> None:
     meta = {k: getattr(args, k) for k in vars(args) if k != "out"} | {
         "torch": torch.__version__, "cpus": os.cpu_count(), "load_avg_start": os.getloadavg(),
         "eval_tokens": len(held_out), "train_windows": list(train.input_ids.shape)}
+    given = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
+    budget = {**load_recipe("imp-cubic-90").stages[0].train.to_dict(), **{k: v for k, v in given.items() if v}}
+    meta.update(budget)
     rows: list[dict] = []
 
     def add(name: str, lm, report: dict | None, **extra: object) -> None:
@@ -88,7 +91,6 @@ def main() -> None:
     magnitude = {"method": "magnitude", "sparsity": args.sparsity}
     lm = mp.load(args.model)
     add("magnitude one-shot", lm, mp.compress(lm, {"stages": [magnitude]}, progress=False))
-    budget = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
     for name, recipe in ROWS:
         if name not in args.rows:
             continue

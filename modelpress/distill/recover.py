@@ -85,6 +85,7 @@ def train_against_reference(lm: LoadedModel, ctx: StageContext, losses: Any, tra
     """
     data = training_data(ctx, name)
     check_batch(data, train.batch_size)
+    check_budget(train, int(data.input_ids.shape[1]), name)
     student = lm.module
     teacher = None
     if uses_teacher(losses):
@@ -111,6 +112,13 @@ def train_against_reference(lm: LoadedModel, ctx: StageContext, losses: Any, tra
     result = trainer.train()
     lm.module = trainer.unwrapped().student.eval().requires_grad_(False)
     return result
+
+
+def check_budget(train: TrainConfig, seq_len: int, name: str) -> None:
+    """Refuse a token budget smaller than one optimizer step (it would silently become one step)."""
+    if train.steps is None and train.tokens is not None and train.tokens < train.batch_size * seq_len:
+        raise ModelpressError(f"{name}: train.tokens {train.tokens} is less than one step "
+                              f"(batch_size {train.batch_size} x {seq_len} tokens)")
 
 
 def training_data(ctx: StageContext, name: str) -> TrainData:

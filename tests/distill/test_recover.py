@@ -79,6 +79,14 @@ def test_recover_before_any_compression_says_it_does_nothing():
         assert torch.equal(a, b), k
 
 
+def test_recover_refuses_a_token_budget_below_one_step():
+    lm = mp.load(make_tiny_llama(seed=9, layers=1))
+    with pytest.raises(ModelpressError, match="recover: train.tokens 50 is less than one step \\(batch_size 4 x 16"):
+        mp.compress(lm, {"stages": [{"method": "magnitude"},
+                                    {"method": "recover", "train": {"tokens": 50, "batch_size": 4}}]},
+                    calib=ids(), progress=False)
+
+
 def ce_step(model, batch):
     return hard_ce(model(input_ids=batch.input_ids).logits, batch), int(batch.input_ids.numel())
 

@@ -32,7 +32,8 @@ from pydantic import Field, model_validator
 from ...core.config import Config
 from ...core.errors import ModelpressError
 from ...core.method import METHODS, MethodEntry, StageContext, StageKind
-from ...distill.recover import Losses, stage_signature, train_against_reference, train_metrics, uses_teacher
+from ...distill.recover import (Losses, check_budget, stage_signature, train_against_reference, train_metrics,
+                                uses_teacher)
 from ...distill.trainer import TrainConfig
 from ...models.loading import LoadedModel
 from ..apply import install_pruned, record_pruned
@@ -178,9 +179,7 @@ def budget_steps(train: TrainConfig, seq_len: int, name: str) -> int:
     """Optimizer steps of the budget; a token budget smaller than one step is refused."""
     if train.steps is None and train.tokens is None:
         raise ModelpressError(f"{name}: the schedule needs a budget in steps or tokens (not minutes)")
-    if train.steps is None and train.tokens < train.batch_size * seq_len:
-        raise ModelpressError(f"{name}: train.tokens {train.tokens} is less than one step "
-                              f"(batch_size {train.batch_size} x {seq_len} tokens)")
+    check_budget(train, seq_len, name)
     return train.total_steps(seq_len)
 
 
