@@ -31,7 +31,7 @@ from ..core.errors import ModelpressError
 from ..core.method import METHODS, MethodConfig, MethodEntry, StageContext, StageKind
 from ..models.loading import LoadedModel
 from .losses import Batch, CosineLoss, EmbeddingMSELoss, KDLoss, LossField, mixed_loss, needs
-from .method import _auto_or_losses, check_batch, check_pair, is_language_model
+from .method import _auto_or_losses, check_pair, is_language_model
 from .teacher import model_outputs
 from .trainer import TrainConfig, TrainData, Trainer, TrainHooks, TrainResult
 
@@ -84,7 +84,9 @@ def train_against_reference(lm: LoadedModel, ctx: StageContext, losses: Any, tra
         the trainer's :class:`TrainResult` (steps, tokens, CPU seconds, curves).
     """
     data = training_data(ctx, name)
-    check_batch(data, train.batch_size)
+    if len(data) < train.batch_size:
+        raise ModelpressError(f"{name}: the training text gives {len(data)} sequences, fewer than one batch of "
+                              f"{train.batch_size} (train.batch_size); give more text or a smaller batch")
     check_budget(train, int(data.input_ids.shape[1]), name)
     student = lm.module
     teacher = None

@@ -200,3 +200,13 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, name):
     assert resumed > 0 or name == "lottery-phase-2", rep["stages"][-1]["metrics"]
     for (k, a), (k2, b) in zip(ref.module.state_dict().items(), lm.module.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("method", ["gradual", "movement", "lottery", "recover"])
+def test_too_little_text_for_one_batch_is_refused_naming_the_stage(method):
+    lm = mp.load(make_tiny_llama(seed=9, layers=1))
+    stages = ([{"method": "magnitude"}] if method == "recover" else []) + [
+        {"method": method, "train": {"steps": 4, "batch_size": 32}}]
+    with pytest.raises(ModelpressError, match=f"^{method}[a-z-]*: the training text gives 16 sequences, fewer than "
+                                              "one batch of 32"):
+        mp.compress(lm, {"stages": stages}, calib=ids(), progress=False)
