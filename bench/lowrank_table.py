@@ -31,11 +31,28 @@ LOCAL = {"rtn-w3-g64-lr32": {"name": "rtn-w3-g64-lr32", "stages": [
 
 
 def block_weights(module: torch.nn.Module) -> int:
-    """Weights of the linears inside the decoder blocks (a low-rank layer counts its factors)."""
+    """Weights of the linears inside the decoder blocks: a dense or quantised linear counts out * in,
+    a low-rank layer its factors, a compensated one its quantised weight plus its factors."""
+    from modelpress.lowrank.layer import CompensatedLinear, LowRankLinear
     from modelpress.models.archspec import blocks_path, detect_spec
+    from modelpress.models.layers import is_linear_like, linear_shape
 
     blocks = module.get_submodule(blocks_path(module, detect_spec(module)))
-    return sum(p.numel() for n, p in blocks.named_parameters() if p.dim() == 2)
+    total, counted = 0, []
+    for name, m in blocks.named_modules():
+        if any(name.startswith(c + ".") for c in counted):
+            continue  # a factor of a layer counted already
+        if isinstance(m, LowRankLinear):
+            total += m.params_kept()
+        elif isinstance(m, CompensatedLinear):
+            total += m.in_features * m.out_features + m.rank * (m.in_features + m.out_features)
+        elif is_linear_like(m):
+            out_f, in_f = linear_shape(m)
+            total += out_f * in_f
+        else:
+            continue
+        counted.append(name)
+    return total
 
 
 def bits_per_weight(report: dict) -> float | None:
