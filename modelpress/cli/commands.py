@@ -120,7 +120,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     summary = {k: res[k] for k in keys if k in res}
     summary.update({f"{t}.{m}": v[m] for t, v in res.get("tasks", {}).items()
                     for m in ("acc", "acc_norm", "exact_match", "flip_rate") if m in v})
-    summary.update({f"agreement.{k}": res["agreement"][k] for k in ("kl", "top1_agreement")} if "agreement" in res else {})
+    summary.update({f"agreement.{k}": res["agreement"][k] for k in ("kl", "top1_agreement")} if "kl" in res.get("agreement", {}) else {})
     print(json.dumps(summary))
     return 0
 
