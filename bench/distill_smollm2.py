@@ -130,7 +130,8 @@ def write(out: str, meta: dict, rows: list[dict]) -> None:
     lines = [f"# {meta['model']} into a half-depth student on teacher-generated text", "",
              f"Generated: {g.get('counts', g)}; prompts from {meta['prompts_from']}, temperature "
              f"{meta['temperature']}, top-p {meta['top_p']}, {meta['max_new_tokens']} new tokens; generation "
-             f"{g.get('wall_s', 0):.0f} s wall / {g.get('cpu_s', 0):.0f} s CPU. Training: {meta['steps']} steps x "
+             + ("reused from an earlier run's file (`--reuse`; its time is not in this run)" if g.get("reused") else
+                f"{g.get('wall_s', 0):.0f} s wall / {g.get('cpu_s', 0):.0f} s CPU") + f". Training: {meta['steps']} steps x "
              f"{meta['batch_size']} x {meta['seq_len']} tokens, lr {meta['lr']} cosine, identical windows and seed "
              f"for both trained rows. PPL: first {meta['eval_tokens']} tokens of {meta['eval_data']}, "
              f"{meta['eval_seq_len']}-token windows. {meta['threads']} threads, torch {meta['torch']}.", "",
