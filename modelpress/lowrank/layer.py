@@ -5,7 +5,7 @@ Both hold their factors as ordinary child ``nn.Linear`` modules ``A`` (in -> r, 
 (r -> out). That is the whole composition story: the rest of modelpress sees two plain linears,
 so a later quantisation stage quantises the factors (they become ``QuantLinear`` children), and
 saving records the parent and each compressed child in the manifest, parent first; loading
-rebuilds the parent with placeholder children and then installs the children from their own
+rebuilds the parent with empty (zero) children and then installs the children from their own
 entries. ``dequantized_weight()`` gives the dense (out, in) weight the layer stands for, which is
 what the hf writer exports for runtimes without factorised layers.
 """
@@ -34,7 +34,7 @@ def _linear(w: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
     return lin
 
 
-def _placeholder(out_f: int, in_f: int, bias: bool) -> nn.Linear:
+def _empty_child(out_f: int, in_f: int, bias: bool) -> nn.Linear:
     """A child to be filled by loading: zero tensors of the right shape."""
     return _linear(torch.zeros(out_f, in_f), torch.zeros(out_f) if bias else None)
 
@@ -86,7 +86,7 @@ class LowRankLinear(nn.Module):
     def from_saved(cls, info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "LowRankLinear":
         """Placeholder factors of the saved shapes; their tensors (or compressed entries) load next."""
         (out_f, in_f), r = info["shape"], int(info["rank"])
-        return cls(_placeholder(r, in_f, False), _placeholder(out_f, r, bool(info["bias"])))
+        return cls(_empty_child(r, in_f, False), _empty_child(out_f, r, bool(info["bias"])))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
@@ -142,7 +142,7 @@ class CompensatedLinear(nn.Module):
     def from_saved(cls, info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "CompensatedLinear":
         """Placeholders; the base's own manifest entry (a ``QuantLinear``) replaces ``base`` next."""
         (out_f, in_f), r = info["shape"], int(info["rank"])
-        return cls(_placeholder(out_f, in_f, False), _placeholder(r, in_f, False), _placeholder(out_f, r, False))
+        return cls(_empty_child(out_f, in_f, False), _empty_child(r, in_f, False), _empty_child(out_f, r, False))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
