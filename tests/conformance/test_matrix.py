@@ -65,13 +65,16 @@ from .rows import Variant, _base_stage
 #: folded between two compressed layers). Pruning without a format is held to it on the mean over
 #: layers: Wanda's score |W| ||x|| is a heuristic, not the minimiser of the layer error, and on a
 #: random tiny model it loses to magnitude on single layers by more than 5% (v_proj 0.276 vs 0.263).
+#: Joint pruning + quantisation (SparseGPT with a format) is judged the same way: the pruning
+#: dominates its error, and SparseGPT's greedy left-to-right OBS can lose a single tiny layer to
+#: magnitude. Measured on starcoder2's layer-0 v_proj (16 x 32, 128 tokens, Hessian condition
+#: number 3e4): SparseGPT alone 0.315 vs magnitude 0.294 (the last columns have few columns left to
+#: absorb their pruning error); least squares on each mask gives 0.275 (SparseGPT's) vs 0.260
+#: (magnitude's); with NVFP4 0.323 vs 0.301. Not a format bug: rounding alone adds 0.008 in both.
 REL_SLACK, ABS_SLACK = 0.05, 1e-4
 #: Cells that fail the error invariant for a reason found but not yet fixed: each is an open finding,
 #: reported as xfail (not hidden) so the rest of the matrix keeps guarding. Remove an entry once fixed.
 OPEN_FINDINGS = {
-    "starcoder2-sparsegpt-nvfp4-g16": "SparseGPT with NVFP4 on starcoder2's v_proj is 7% worse than "
-                                      "magnitude + RTN (0.3228 vs 0.3007); surfaced when new methods moved "
-                                      "this variant onto starcoder2 (2026-12-07), not yet diagnosed",
 }
 #: Relative tolerance of the reported-vs-saved ``rel_error`` check: both are float32 norms of the
 #: same difference; anything above 1e-4 means the saved tensor is not the one the method measured.
@@ -372,9 +375,10 @@ def test_error_no_worse_than_data_free(cell: Cell) -> None:
         unit = "layer output" + (" (input scales folded into norms, measured in each layer's own basis)" if scales else "")
     else:
         errors, unit = _block_errors(float_m, comp_m, base_lm.module), "block output (scales folded between layers)"
-    if getattr(parse_recipe({"stages": [cell.variant.stage]}).stages[0], "format", None) is not None:
+    stage = parse_recipe({"stages": [cell.variant.stage]}).stages[0]
+    if getattr(stage, "format", None) is not None and getattr(stage, "pattern", None) is None:
         worse = [f"{n}: {c:.4f} vs {b:.4f}" for n, c, b in errors if c > b * (1 + REL_SLACK) + ABS_SLACK]
-    else:  # pruning only: the mean over layers (see REL_SLACK)
+    else:  # pruning, with or without a format: the mean over layers (see REL_SLACK)
         c = sum(e[1] for e in errors) / max(len(errors), 1)
         b = sum(e[2] for e in errors) / max(len(errors), 1)
         worse = [f"mean over {len(errors)} layers: {c:.4f} vs {b:.4f}"] if c > b * (1 + REL_SLACK) + ABS_SLACK else []
