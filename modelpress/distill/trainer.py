@@ -193,7 +193,10 @@ class Trainer:
     def __init__(self, model: nn.Module, step_loss: StepLoss, data: TrainData, cfg: TrainConfig, *,
                  workdir: str | Path | None = None, signature: dict[str, Any] | None = None,
                  eval_fn: Callable[[nn.Module], dict[str, Any]] | None = None, progress: bool = True,
-                 description: str = "training", hooks: TrainHooks | None = None) -> None:
+                 description: str = "training", hooks: TrainHooks | None = None,
+                 train_quantised: bool = True) -> None:
+        """``train_quantised=False`` keeps quantised layers packed and frozen: adapters train around
+        them (QLoRA), and gradients flow through the dequantised base matmul only."""
         from accelerate import Accelerator
 
         self.cfg, self.data, self.step_loss, self.eval_fn = cfg, data, step_loss, eval_fn
@@ -213,7 +216,7 @@ class Trainer:
                           "data": _digest(data.input_ids)}
         self.description, self.progress = description, progress and progress_enabled()
         # quantised layers train through their fake-quantised form, packed back when training ends
-        self.fake_quantised = unpack_for_training(model)
+        self.fake_quantised = unpack_for_training(model) if train_quantised else 0
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ModelpressError("nothing to train: the model has no trainable parameters")
