@@ -207,5 +207,5 @@ class MethodEntry:
 
 #: The method families' packages: a module anywhere below them that registers a method is found.
 METHOD_PACKAGES = ("modelpress.quant.algos", "modelpress.sparsity", "modelpress.diagnostics", "modelpress.distill",
-                   "modelpress.lowrank")
+                   "modelpress.lowrank", "modelpress.search.mixed")
 METHODS: Registry[MethodEntry] = Registry("method", packages=METHOD_PACKAGES)
