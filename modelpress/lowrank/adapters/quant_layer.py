@@ -40,6 +40,22 @@ class DenseView:
         return []
 
 
+class FrozenBaseMatmul(torch.autograd.Function):
+    """``base(x)`` for a frozen quantised ``base`` whose backward dequantises the weight again
+    instead of keeping it: autograd would otherwise hold every layer's dense (out, in) weight
+    from forward to backward, giving back the memory QLoRA saves (bitsandbytes does the same)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, base: nn.Module) -> torch.Tensor:  # x: (..., in)
+        ctx.base = base
+        return base(x)  # (..., out)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:  # (..., out)
+        W = ctx.base.dequantized_weight().to(grad_out.dtype)  # (out, in), the same weight forward used
+        return grad_out @ W, None
+
+
 def requantize(base: QuantLinear, dense: torch.Tensor) -> QuantLinear:
     """``dense`` (out, in) quantised with ``base``'s own format and group size (same bias)."""
     return QuantLinear.from_linear_weight(base.fmt.quantize(dense.detach().float()), base.bias)
@@ -172,7 +188,10 @@ def quant_lora_linear() -> type:
             self._check_forward_args(x, *args, **kwargs)
             if kwargs.pop("adapter_names", None) is not None:
                 raise ValueError("mixed adapter batches (adapter_names) are not supported on a QuantLinear base")
-            result = self.base_layer(x, *args, **kwargs)  # (..., out), the dequantised base matmul
+            if torch.is_grad_enabled() and x.requires_grad and not args and not kwargs:
+                result = FrozenBaseMatmul.apply(x, self.base_layer)  # (..., out)
+            else:
+                result = self.base_layer(x, *args, **kwargs)  # (..., out), the dequantised base matmul
             if self.disable_adapters or self.merged:
                 return result
             for name in self.active_adapters:
