@@ -8,7 +8,12 @@ mixed rows also give the allocation, the sensitivity measurement's cost and the 
 correlation of the proxy ``tr(E H E^T)`` with the measured KL. Writes JSON + Markdown after
 every row (a stopped run keeps what it measured).
 
-    nice -n 19 python bench/mixed_precision.py --threads 2 --out bench/results/mixed_precision
+    python bench/mixed_precision.py --threads 2 --out bench/results/mixed_precision
+    # or the two pairs as two 1-thread processes, then one table:
+    python bench/mixed_precision.py --threads 1 --only quant --out bench/results/mixed_precision_quant
+    python bench/mixed_precision.py --threads 1 --only sparse --out bench/results/mixed_precision_sparse
+    python bench/mixed_precision.py --merge bench/results/mixed_precision_quant.json \
+        bench/results/mixed_precision_sparse.json --out bench/results/mixed_precision
 """
 from __future__ import annotations
 
@@ -34,12 +39,15 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--eval-seq-len", type=int, default=1024)
     ap.add_argument("--calib", default="bundled:c4")
-    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--calib-samples", type=int, default=8)
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", choices=["quant", "sparse"], help="run one pair only")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="only join these runs' rows into one table")
     ap.add_argument("--out", required=True, help="output path without extension (.json and .md are written)")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, args.out)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MODELPRESS_PROGRESS", "0")
     import modelpress as mp
@@ -82,6 +90,14 @@ def main() -> None:
             print(json.dumps({k: v for k, v in row.items() if k != "allocation_table"}), flush=True)
             write(args.out, meta, rows)
     write(args.out, meta, rows)
+
+
+def merge(paths: list[str], out: str) -> None:
+    """One table from runs of the pairs: the first run's baseline, each run's compressed rows."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    rows = runs[0]["rows"][:1] + [r for run in runs for r in run["rows"][1:]]
+    meta = {**runs[0]["meta"], "baselines": [run["rows"][0]["perplexity"] for run in runs], "merged_from": paths}
+    write(out, meta, rows)
 
 
 def sizes(model: torch.nn.Module) -> dict:

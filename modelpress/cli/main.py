@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     export_cmd.add_parser(sub)
     generate_cmd.add_parser(sub)
+    from . import allocate_cmd, sensitivity_cmd
+
+    sensitivity_cmd.add_parser(sub)
+    allocate_cmd.add_parser(sub)
     return ap
 
 
