@@ -107,10 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     from . import bench_cmd
 
     bench_cmd.add_parser(sub)
-    from . import export_cmd, generate_cmd
+    from . import adapt_cmd, export_cmd, generate_cmd
 
     export_cmd.add_parser(sub)
     generate_cmd.add_parser(sub)
+    adapt_cmd.add_parser(sub)
     from . import allocate_cmd, sensitivity_cmd
 
     sensitivity_cmd.add_parser(sub)
