@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sensitivity_cmd.add_parser(sub)
     allocate_cmd.add_parser(sub)
+    from . import report_cmd, search_cmd
+
+    search_cmd.add_parser(sub)
+    report_cmd.add_parser(sub)
     return ap
 
 
