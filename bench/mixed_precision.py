@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--eval-seq-len", type=int, default=1024)
     ap.add_argument("--calib", default="bundled:c4")
     ap.add_argument("--calib-samples", type=int, default=8)
-    ap.add_argument("--calib-seq-len", type=int, default=512)
+    ap.add_argument("--calib-seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", choices=["quant", "sparse"], help="run one pair only")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="only join these runs' rows into one table")

@@ -32,7 +32,7 @@ from .sensitivity import SensitivityTable, measure_sensitivity
 class AllocatedConfig(MethodConfig):
     """Sensitivity measurement fields shared by the allocation stages (first calibration samples)."""
 
-    sensitivity_samples: int = Field(2, ge=1, description="calibration windows the sensitivity is measured on")
+    sensitivity_samples: int = Field(1, ge=1, description="calibration windows the sensitivity is measured on")
     sensitivity_seq_len: int = Field(64, ge=2, description="tokens of each window used (each choice of each "
                                                            "layer runs the rest of the model on them)")
 
@@ -94,7 +94,7 @@ class MixedSparsityConfig(AllocatedConfig):
 
     method: Literal["mixed-sparsity"] = "mixed-sparsity"
     sparsity: float = Field(0.6, gt=0, lt=1, description="average fraction of zeros over the targeted weights")
-    levels: list[float] = Field([0.5, 0.6, 0.7, 0.8], description="the sparsities a layer may get")
+    levels: list[float] = Field([0.5, 0.6, 0.7], description="the sparsities a layer may get")
     algorithm: Literal["sparsegpt", "wanda"] = "sparsegpt"
 
     @field_validator("levels")
