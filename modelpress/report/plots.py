@@ -41,29 +41,54 @@ def png(fig: Any) -> bytes:
 
 
 def pareto(inputs: Inputs) -> bytes | None:
-    """Perplexity against size on disk: every variant and search trial, the non-dominated ones joined."""
+    """Perplexity against size on disk with the non-dominated points joined: one panel for the
+    compared models, one per search (its trials were measured on its own tokens, so they get their
+    own axes rather than sharing the models')."""
+    panels = []
     pts = [(v.size_bytes / MIB, v.perplexity, v.label) for v in inputs.variants if v.size_bytes and v.perplexity]
-    trials = [(r["objectives"]["size_bytes"] / MIB, r["objectives"]["perplexity"], f"trial {r['number']}")
-              for s in inputs.searches for r in s["trials"] if r["state"] == "COMPLETE" and "reused_from" not in r]
-    if not pts and not trials:
+    if pts:
+        panels.append(("Compared models", pts, True))
+    for s in inputs.searches:
+        ev = (s.get("identity") or {}).get("evaluation") or {}
+        trials = [(r["objectives"]["size_bytes"] / MIB, r["objectives"]["perplexity"], str(r["number"]))
+                  for r in s["trials"] if r["state"] == "COMPLETE" and "reused_from" not in r]
+        if trials:
+            panels.append((f"Search {s['study']}: {len(trials)} trials ({ev.get('eval_max_tokens', '?')} tokens of "
+                           f"{ev.get('eval_data', '?')})", trials, False))
+    if not panels:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(9, 5))
-    if trials:
-        ax.scatter([t[0] for t in trials], [t[1] for t in trials], s=28, color="#bbbbbb", label="search trials", zorder=2)
-    allp = pts + trials
-    front = sorted((allp[i] for i in nondominated([(p[0], p[1]) for p in allp])), key=lambda p: p[0])
-    ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="#d62728", lw=1.5,
-            label="Pareto front (smaller and better)", zorder=3)
-    for i, (x, y, lab) in enumerate(pts):
-        ax.scatter([x], [y], s=70, color=PALETTE[i % len(PALETTE)], zorder=4, edgecolor="black")
-        ax.annotate(lab, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
-    ax.set_xlabel("size on disk (MiB)")
-    ax.set_ylabel("perplexity (log scale, lower is better)")
-    ax.set_yscale("log")
-    ax.set_title("Quality vs size")
-    ax.legend(loc="upper right", fontsize=8)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.6), squeeze=False)
+    for ax, (title, points, named) in zip(axes[0], panels):
+        _pareto_panel(ax, points, named)
+        ax.set_title(title, fontsize=10)
     return png(fig)
+
+
+def _pareto_panel(ax: Any, points: list[tuple[float, float, str]], named: bool) -> None:
+    front = sorted((points[i] for i in nondominated([(p[0], p[1]) for p in points])), key=lambda p: p[0])
+    ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="#d62728", lw=1.5,
+            label="Pareto front", zorder=3)
+    on_front = {p[2] for p in front}
+    for i, (x, y, lab) in enumerate(points):
+        colour = PALETTE[i % len(PALETTE)] if named else ("#d62728" if lab in on_front else "#9aa3ae")
+        ax.scatter([x], [y], s=70 if named else 36, color=colour, zorder=4, edgecolor="black", lw=0.6)
+        ax.annotate(lab if named else f"#{lab}", (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8)
+    ax.set_xlabel("size on disk (MiB)")
+    _quality_axis(ax, [p[1] for p in points], "perplexity")
+    ax.legend(loc="upper right", fontsize=8)
+
+
+def _quality_axis(ax: Any, ys: Sequence[float], what: str) -> None:
+    """Log scale only when the values span more than 8x (plain numbers on the ticks either way)."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    wide = min(ys) > 0 and max(ys) / min(ys) > 8
+    if wide:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylabel(f"{what}{' (log scale)' if wide else ''}, lower is better")
 
 
 def _grid(layers: Sequence[dict[str, Any]], value: Any) -> tuple[list[int], list[str], list[list[float]]] | None:
@@ -196,6 +221,8 @@ def elasticity(inputs: Inputs, base: Variant | None, family: str = "data") -> by
             ax.annotate(v.label, (x, v.tasks[t][metric]), textcoords="offset points", xytext=(0, -14), fontsize=8,
                         ha="center")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [f"{x:.1f}x" for x in xs])
+        ax.minorticks_off()
         ax.set_xlabel("times smaller on disk than the baseline (log scale)")
         ax.set_ylabel(metric)
         ax.set_title(f"{t}: capability elasticity per slice")

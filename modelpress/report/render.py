@@ -71,8 +71,9 @@ def sections(inputs: Inputs, opts: ReportOptions) -> list[Section]:
     out = [Section("Summary", tables=(tables.summary(inputs, base),))]
     fig = plots.pareto(inputs)
     if fig:
-        out.append(Section("Quality vs size: Pareto front", "Each model's perplexity against its size on disk; "
-                           "the red step joins the points that no other is both smaller and better than.",
+        out.append(Section("Quality vs size: Pareto front", "Perplexity against size on disk; the red step joins "
+                           "the points that no other point is both smaller and better than. Search trials are "
+                           "measured on the search's own tokens, so they have their own panel.",
                            figures=(("pareto", fig),)))
     maps = tuple((n, f) for n, f in (("layers", plots.heatmaps(inputs.variants)),) if f)
     if maps:
@@ -89,8 +90,8 @@ def sections(inputs: Inputs, opts: ReportOptions) -> list[Section]:
                            figures=(("perf", fig),) if fig else ()))
     for s in inputs.searches:
         out.append(Section(f"Search: {s['study']}", f"Storage {s['storage']}; objectives "
-                           f"{', '.join(s['objectives'])} (all minimised); the trials are the grey points of the "
-                           "quality vs size plot.", tables=(tables.search_front(s),)))
+                           f"{', '.join(s['objectives'])} (all minimised); its trials are the right-hand panel "
+                           "of the quality vs size plot.", tables=(tables.search_front(s),)))
     return out
 
 

@@ -29,7 +29,6 @@ Example:
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 import warnings
@@ -95,8 +94,9 @@ def open_storage(url: str, heartbeat_s: int = 30) -> Any:
         if not folder.is_dir():  # SQLite would say only "unable to open database file"
             raise ModelpressError(f"cannot open search storage {url}: folder {folder} does not exist")
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is reported by our own line
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats: noise to users
+    cause = ""
     for attempt in range(1, STORAGE_ATTEMPTS + 1):
         try:
             return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
@@ -104,11 +104,10 @@ def open_storage(url: str, heartbeat_s: int = 30) -> Any:
         except Exception as e:  # noqa: BLE001  -- SQLAlchemy and drivers raise many types; all mean "cannot open"
             cause = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             # two workers creating a fresh database's tables at once: the loser retries and finds them
-            if attempt < STORAGE_ATTEMPTS and ("UNIQUE constraint" in cause or "locked" in cause or "already exists" in cause):
-                time.sleep(0.5 * attempt)
-                continue
-            raise ModelpressError(f"cannot open search storage {safe_url(url)}: {cause}") from None
-    raise AssertionError("unreachable")
+            if not any(k in cause for k in ("UNIQUE constraint", "locked", "already exists")):
+                break
+            time.sleep(0.5 * attempt)
+    raise ModelpressError(f"cannot open search storage {safe_url(url)}: {cause}")
 
 
 def open_study(cfg: SearchConfig) -> Any:
@@ -207,7 +206,6 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = lambda s: None) -
         if n["COMPLETE"] + n["RUNNING"] >= cfg.trials:
             time.sleep(min(cfg.heartbeat_s, 5))  # others hold the last trials: wait until they end or go stale
             continue
-        logging.getLogger("optuna").setLevel(logging.ERROR)
         study.optimize(objective, n_trials=1, catch=(ModelpressError,))
         t = study.trials[ran[-1]] if ran else None
         log(_trial_line(t))

@@ -211,7 +211,7 @@ def test_markdown_has_the_tables_and_its_figures(page: tuple[str, _Tables, Path]
 def test_one_model_has_no_elasticity_curve(inputs: dict[str, Path], tmp_path: Path) -> None:
     assert run("report", "--inputs", inputs["rtn-w8"], "--html", tmp_path / "one.html") == 0
     text = (tmp_path / "one.html").read_text()
-    assert "<h2>Summary</h2>" in text and "Capability elasticity" not in text and "Search" not in text
+    assert "<h2>Summary</h2>" in text and "<h2>Capability elasticity</h2>" not in text and "<h2>Search" not in text
 
 
 @pytest.mark.parametrize("content,needle", [
