@@ -30,7 +30,8 @@ from .sensitivity import SensitivityTable, measure_sensitivity
 
 
 class AllocatedConfig(MethodConfig):
-    """Sensitivity measurement fields shared by the allocation stages (first calibration samples)."""
+    """Sensitivity measurement fields shared by the allocation stages: the KL is measured on the first
+    tokens of the first calibration windows, each layer compressed with the whole set's Hessian."""
 
     sensitivity_samples: int = Field(1, ge=1, description="calibration windows the sensitivity is measured on")
     sensitivity_seq_len: int = Field(64, ge=2, description="tokens of each window used (each choice of each "
@@ -116,7 +117,8 @@ def run_allocated(lm: LoadedModel, cfg: AllocatedConfig, ctx: StageContext) -> N
     if ctx.calib is None or ctx.run_blocks is None:
         raise ModelpressError(f"{cfg.method} needs calibration data (--calib FILE) and the runner's block pass")
     ids = ctx.calib[: cfg.sensitivity_samples, : cfg.sensitivity_seq_len]
-    table = measure_sensitivity(lm, ids, cfg.choices(), targets=cfg.targets, ignore=cfg.ignore, iterate=ctx.iterate)
+    table = measure_sensitivity(lm, ids, cfg.choices(), stats_ids=ctx.calib, targets=cfg.targets, ignore=cfg.ignore,
+                                iterate=ctx.iterate)
     alloc = allocate(table, cfg.budget(lm, table))
     recipe = allocation_recipe(table, alloc, f"{cfg.method}-allocated")
     stages = [METHODS.get(s["method"]).config.model_validate(s) for s in recipe["stages"]]

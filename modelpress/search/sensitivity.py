@@ -10,8 +10,11 @@ the allocator's sum assumes.
 Affordable on SmolLM2's 210 linears because nothing is run twice: one float pass caches each
 block's input and the float log-probabilities; for a layer of block ``i`` only block ``i`` is run
 per choice, and the choices' outputs go through blocks ``i+1 ..``, the final norm and the head
-together as one batch. The layer's Hessian ``H = 2/n X^T X`` comes from the same cached inputs, so
-GPTQ / SparseGPT / SVD-LLM compress it as they would in a recipe.
+together as one batch. The layer's Hessian ``H = 2/n X^T X`` comes from a second, larger float
+stream (``stats_ids``: the whole calibration set in the allocation stages), so GPTQ / SparseGPT /
+SVD-LLM compress the layer as they would in a recipe. Not from the few measuring tokens: fitted
+to exactly the tokens it is then measured on, GPTQ at 2 bits looks far better than it is (with 64
+tokens and 576 columns it can cancel most of its error on them).
 
 Proxy: ``tr((W - W') H (W - W')^T)``, the layer's output error on the calibration tokens (GPTQ's
 and OBS's objective), which needs no forward pass; its Spearman rank correlation with the
@@ -117,16 +120,19 @@ def target_layers(lm: LoadedModel, targets: Iterable[str] = ("re:.*",),
 
 @torch.no_grad()
 def measure_sensitivity(lm: LoadedModel, ids: torch.Tensor, choices: list[Choice], *,
-                        targets: Iterable[str] = ("re:.*",), ignore: Iterable[str] = ("lm_head",),
+                        stats_ids: torch.Tensor | None = None, targets: Iterable[str] = ("re:.*",),
+                        ignore: Iterable[str] = ("lm_head",),
                         iterate: Callable[[list, str], Iterable] | None = None) -> SensitivityTable:
-    """Measure every (targeted layer, choice) on calibration ids (n_samples, seq_len); see module doc."""
+    """Measure every (targeted layer, choice) by the KL on ``ids`` (n_samples, seq_len), each layer
+    compressed with the Hessian of ``stats_ids`` (default ``ids``); see the module docstring."""
     if not choices:
         raise ModelpressError("sensitivity analysis needs at least one choice")
     t0, c0 = time.perf_counter(), time.process_time()
     names = target_layers(lm, targets, ignore)
     prefix = blocks_path(lm.module, lm.spec)
     blocks = get_blocks(lm.module, lm.spec)
-    tail = _Tail(lm, blocks, capture_first_block_inputs(lm, ids))
+    stats = capture_first_block_inputs(lm, ids if stats_ids is None else stats_ids)
+    tail = _Tail(lm, blocks, capture_first_block_inputs(lm, ids), stats)
     L, K = len(names), len(choices)
     out = {k: np.zeros((L, K), dtype=np.float64 if k in ("measured", "proxy") else np.int64)
            for k in ("measured", "proxy", "nbytes", "kept")}
@@ -148,7 +154,9 @@ def measure_sensitivity(lm: LoadedModel, ids: torch.Tensor, choices: list[Choice
                 with _weight(module, p.W):
                     outs.append(tail.block_output(i))
             out["measured"][row[n], :] = tail.kl_after(i, torch.cat(outs, 0), K)
+        stats.propagate(blocks[i])  # the Hessian stream moves on through the float block
     info = {"tokens": int(ids.numel()), "samples": int(ids.shape[0]), "seq_len": int(ids.shape[1]),
+            "hessian_tokens": int((ids if stats_ids is None else stats_ids).numel()),
             "metric": "KL(float || layer compressed) of next-token distributions, nats/token",
             "proxy": "tr((W - W') H (W - W')^T), H = 2/n X^T X on the float inputs",
             "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
@@ -156,10 +164,11 @@ def measure_sensitivity(lm: LoadedModel, ids: torch.Tensor, choices: list[Choice
 
 
 class _Tail:
-    """The float stream's cached block inputs, and running the rest of the model from a block."""
+    """The float stream's cached block inputs, and running the rest of the model from a block;
+    ``stats`` the stream (BlockInputs at the current block) the Hessians are taken from."""
 
-    def __init__(self, lm: LoadedModel, blocks: list[nn.Module], inputs: Any) -> None:
-        self.blocks, self.kwargs = blocks, inputs.kwargs
+    def __init__(self, lm: LoadedModel, blocks: list[nn.Module], inputs: Any, stats: Any) -> None:
+        self.blocks, self.kwargs, self.stats = blocks, inputs.kwargs, stats
         self.norm = next((m for p in lm.spec.final_norm if (m := get_submodule(lm.module, p)) is not None), None)
         self.head = lm.module.get_output_embeddings() if hasattr(lm.module, "get_output_embeddings") else None
         if self.head is None:
@@ -178,10 +187,10 @@ class _Tail:
         return torch.log_softmax(self.head(h).float(), dim=-1)
 
     def hessians(self, i: int, mods: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-        """``2/n X^T X`` of each layer's input on block ``i``'s float inputs."""
+        """``2/n X^T X`` of each layer's input on the Hessian stream's float inputs of block ``i``."""
         accs = {n: HessianAccumulator(layer_weight(n, m).shape[1]) for n, m in mods.items()}
         with capture_inputs(mods, lambda n, x: accs[n].update(x.float())):
-            self._run(self.blocks[i], self.inputs[i])
+            self.stats.run(self.blocks[i])
         return {n: a.H for n, a in accs.items()}
 
     def block_output(self, i: int) -> torch.Tensor:

@@ -52,11 +52,12 @@ def layer_inputs(model: torch.nn.Module, name: str, ids: torch.Tensor) -> torch.
 
 def test_measured_kl_and_proxy_equal_an_independent_recomputation(base, ids) -> None:
     choices = [QuantChoice(2, algorithm="rtn"), SparsityChoice(0.5, "wanda"), RankChoice(4)]
-    table = measure_sensitivity(mp.load(copy.deepcopy(base)), ids, choices, targets=LAYERS)
-    assert table.layers == LAYERS
+    stats = torch.randint(2, 300, (3, 40), generator=torch.Generator().manual_seed(5))  # Hessians from other tokens
+    table = measure_sensitivity(mp.load(copy.deepcopy(base)), ids, choices, stats_ids=stats, targets=LAYERS)
+    assert table.layers == LAYERS and table.info["hessian_tokens"] == 120
     for i, name in enumerate(LAYERS):
         W = base.get_submodule(name).weight.detach().float()
-        X = layer_inputs(base, name, ids)  # (tokens, in)
+        X = layer_inputs(base, name, stats)  # (tokens, in)
         H = 2 * X.T.double() @ X.double() / X.shape[0]
         for k, c in enumerate(choices):
             Wp = c.perturb(W, H.float()).W
@@ -145,7 +146,7 @@ def test_emitted_recipe_reproduces_the_builtin_stage(base, tmp_path) -> None:
     builtin = mp.load(copy.deepcopy(base))
     mp.compress(builtin, "mixed-w3", calib=calib, progress=False)
     lm = mp.load(copy.deepcopy(base))
-    table = measure_sensitivity(lm, calib[:2, :64], [QuantChoice(b) for b in (2, 3, 4)])
+    table = measure_sensitivity(lm, calib[:1, :64], [QuantChoice(b) for b in (2, 3, 4)], stats_ids=calib)
     ref = QuantChoice(3)
     budget = sum(ref.nbytes(tuple(lm.module.get_submodule(n).weight.shape)) for n in table.layers)
     from modelpress.search.allocate import ByteBudget
