@@ -25,8 +25,13 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--model", required=True, help="hub id, folder, .gguf, llama2.c .bin or bundled:NAME")
     s.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own Python code")
     s.add_argument("--calib", default="bundled:c4", help="calibration text (default bundled:c4)")
-    s.add_argument("--calib-samples", type=A.positive_int, default=2, help="windows measured on (default 2)")
-    s.add_argument("--calib-seq-len", type=A.window_len, default=64, help="tokens per window (default 64)")
+    s.add_argument("--calib-samples", type=A.positive_int, default=8,
+                   help="calibration windows: each layer is compressed with their Hessian (default 8)")
+    s.add_argument("--calib-seq-len", type=A.window_len, default=256, help="tokens per window (default 256)")
+    s.add_argument("--measure-samples", type=A.positive_int, default=1,
+                   help="the first windows the KL is measured on (default 1, as the mixed-* stages)")
+    s.add_argument("--measure-tokens", type=A.window_len, default=64,
+                   help="their first tokens used (default 64): each choice of each layer runs the rest of the model")
     s.add_argument("--calib-seed", type=A.nonneg_int, default=0)
     kind = s.add_mutually_exclusive_group(required=True)
     kind.add_argument("--bits", type=A.positive_int, nargs="+", help="integer widths (symmetric, groups of --group)")
@@ -46,7 +51,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
     lm = api.load(args.model, trust_remote_code=args.trust_remote_code)
     calib = api.calibration_for(lm, args.calib, args.calib_samples, args.calib_seq_len, args.calib_seed)
-    table = measure_sensitivity(lm, calib.ids, _choices(args), targets=args.targets, ignore=args.ignore)
+    ids = calib.ids[: args.measure_samples, : args.measure_tokens]
+    table = measure_sensitivity(lm, ids, _choices(args), stats_ids=calib.ids, targets=args.targets, ignore=args.ignore)
     table.info["calibration"] = calib.info
     table.save(args.json_out)
     rho = table.spearman()["pooled"]

@@ -193,11 +193,12 @@ def test_cli_sensitivity_then_allocate_writes_a_runnable_recipe(base, tmp_path, 
     text.write_text("the robot counted the birds and the cat counted the trees. " * 40)
     sens = tmp_path / "s.json"
     args = ap.parse_args(["sensitivity", "--model", str(tiny_llama_dir), "--calib", str(text), "--calib-seq-len",
-                          "32", "--bits", "2", "4", "--algorithm", "rtn", "--json", str(sens)])
+                          "32", "--calib-samples", "4", "--measure-tokens", "16", "--bits", "2", "4", "--algorithm", "rtn", "--json", str(sens)])
     assert sensitivity_cmd.cmd_sensitivity(args) == 0
     out = tmp_path / "r.yaml"
     assert allocate_cmd.cmd_allocate(ap.parse_args(["allocate", "--sensitivity", str(sens), "--budget-bpw", "3.25",
                                                     "--out", str(out)])) == 0
+    assert SensitivityTable.load(sens).info["hessian_tokens"] == 4 * 32
     recipe = mp.as_recipe(str(out))
     assert {st.method for st in recipe.stages} == {"rtn"}
     lm = mp.load(tiny_llama_dir)
