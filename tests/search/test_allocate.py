@@ -96,3 +96,18 @@ def test_allocation_recipe_is_an_ordinary_recipe_covering_each_layer_once() -> N
             got[name] = st.sparsity
     assert got == {name: choices[k].sparsity for name, k in zip(t.layers, a.choice)}
     assert sum(t.kept[i, k] for i, k in enumerate(a.choice)) <= 0.4 * 64 * n
+
+
+def test_rank_and_quant_choices_emit_valid_stages() -> None:
+    from modelpress.search.choices import RankChoice, choice_from_dict, choice_to_dict
+
+    choices = [RankChoice(8), RankChoice(32), QuantChoice(4, algorithm="rtn")]
+    t = _table(choices, [64 * 128] * 3, np.array([[3.0, 1.0, 0.5]] * 3), np.array([[1536, 6144, 8192]] * 3),
+               np.array([[1536, 6144, 8192]] * 3))
+    a = allocate(t, ByteBudget(1536 + 6144 + 8192))
+    assert sorted(a.choice) == [0, 1, 2]  # one of each: the least loss (4.5) within 15,872 bytes
+    assert a.objective == brute_force(t.measured, t.nbytes.astype(float), 1536 + 6144 + 8192) == 4.5
+    recipe = parse_recipe(allocation_recipe(t, a))
+    assert sorted(st.method for st in recipe.stages) == ["rtn", "svdllm", "svdllm"]
+    assert {st.rank for st in recipe.stages if st.method == "svdllm"} == {8, 32}
+    assert all(choice_from_dict(choice_to_dict(c)) == c for c in choices)
