@@ -41,7 +41,11 @@ class InputKind(str, enum.Enum):
 
 @dataclass
 class Variant:
-    """One model as the report sees it: its eval, compress report and bench results (any may be absent)."""
+    """One model as the report sees it: its eval, compress report and bench results (any may be absent).
+
+    The properties read each figure from the first input that has it (size: the eval's, else the
+    compress report's, else the bench's), so one number is never taken from two places.
+    """
 
     label: str
     eval: dict[str, Any] | None = None
@@ -84,6 +88,7 @@ class Variant:
         return (self.compress or {}).get("layers") or []
 
     def perf(self, key: str) -> Any:
+        """A bench measurement (``decode_tokens_per_s``, ``ttft_s``, ``peak_rss_bytes`` ...) or None."""
         return (self.bench or {}).get(key)
 
 
@@ -95,6 +100,7 @@ class Inputs:
     searches: list[dict[str, Any]]
 
     def variant(self, label: str) -> Variant:
+        """The variant called ``label`` (a ModelpressError lists the labels there are)."""
         for v in self.variants:
             if v.label == label:
                 return v
@@ -133,6 +139,7 @@ def _resolve(path: Path) -> Path:
 
 
 def read_json(path: Path) -> Any:
+    """Parsed JSON, or a ModelpressError naming the file."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

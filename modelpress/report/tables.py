@@ -43,6 +43,7 @@ def quality_metric(task: dict[str, Any]) -> str:
 
 
 def task_names(variants: Sequence[Variant]) -> list[str]:
+    """Every task any variant was evaluated on, in first-seen order."""
     return list(dict.fromkeys(t for v in variants for t in v.tasks))
 
 

@@ -181,6 +181,7 @@ def _complete() -> Any:
 
 
 def trial_folder(out: Path, number: int) -> Path:
+    """Where trial ``number`` keeps its compress report and evaluation."""
     return out / "trials" / f"{number:04d}"
 
 
@@ -206,7 +207,8 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = lambda s: None) -
         if n["COMPLETE"] + n["RUNNING"] >= cfg.trials:
             time.sleep(min(cfg.heartbeat_s, 5))  # others hold the last trials: wait until they end or go stale
             continue
-        study.optimize(objective, n_trials=1, catch=(ModelpressError,))
+        if not _optimize_one(study, objective, ran, log):
+            continue
         t = study.trials[ran[-1]] if ran else None
         log(_trial_line(t))
         failures = failures + 1 if t is not None and t.state.name == "FAIL" else 0
@@ -218,6 +220,21 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = lambda s: None) -
             raise ModelpressError(f"{failures} trials in a row failed (last: {t.user_attrs.get('error')}); "
                                   "fix the space or the data and rerun to continue the study")
     return write_results(study, cfg)
+
+
+def _optimize_one(study: Any, objective: Callable[[Any], tuple[float, ...]], ran: list[int],
+                  log: Callable[[str], None]) -> bool:
+    """Run one trial; False when another worker had already failed it as stale (this worker's
+    heartbeats came too late, e.g. on an overloaded machine) and queued its parameters again."""
+    try:
+        study.optimize(objective, n_trials=1, catch=(ModelpressError,))
+    except Exception:  # optuna raises ValueError or trips an assert when telling a trial failed meanwhile
+        number = ran[-1] if ran else None
+        if number is None or not any(t.system_attrs.get("failed_trial") == number for t in study.get_trials(deepcopy=False)):
+            raise
+        log(f"trial {number} was failed by another worker while it ran (its heartbeats came too late); retried")
+        return False
+    return True
 
 
 def _trial_line(t: Any) -> str:

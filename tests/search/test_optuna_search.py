@@ -46,7 +46,7 @@ def _cmd(model: Path, text: Path, space: Path, db: Path, out: Path, trials: int,
             "--trials", str(trials), "--storage", f"sqlite:///{db}", "--study", study, "--out", str(out),
             "--calib", str(text), "--calib-samples", "4", "--calib-seq-len", "64", "--eval-data", str(text),
             "--eval-max-tokens", "512", "--eval-seq-len", "128", "--latency-prompt", "8", "--latency-tokens", "4",
-            "--heartbeat", "1"]
+            "--heartbeat", "2"]
 
 
 def _env() -> dict[str, str]:
