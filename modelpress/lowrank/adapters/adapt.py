@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ...core.config import Config
 from ...core.errors import ModelpressError
@@ -63,6 +63,12 @@ class AdapterConfig(Config):
     target_r: int = Field(4, ge=1, description="AdaLoRA: average rank kept at the end")
     seed: int = Field(0, ge=0)
 
+    @model_validator(mode="after")
+    def _adalora_prunes(self) -> "AdapterConfig":
+        if self.method is AdapterMethod.ADALORA and self.target_r >= self.r:
+            raise ValueError(f"adalora prunes rank r={self.r} down to target_r; target_r {self.target_r} must be smaller")
+        return self
+
     def to_peft(self, targets: list[str], total_steps: int | None = None) -> Any:
         """PEFT's config for this adapter on the modules ``targets``."""
         import peft
@@ -78,7 +84,7 @@ class AdapterConfig(Config):
         if not total_steps:
             raise ModelpressError("AdaLoRA needs the number of training steps (its rank budget follows a schedule)")
         warm = max(1, total_steps // 5)  # AdaLoRA's warm-up and final phases, a fifth of training each
-        return peft.AdaLoraConfig(init_r=self.r, target_r=min(self.target_r, self.r), lora_alpha=self.alpha,
+        return peft.AdaLoraConfig(init_r=self.r, target_r=self.target_r, lora_alpha=self.alpha,
                                   lora_dropout=self.dropout, total_step=total_steps, tinit=warm,
                                   tfinal=min(warm, total_steps - warm - 1), deltaT=max(1, total_steps // 10), **common)
 
@@ -149,7 +155,9 @@ def lm_step_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
 
 
 class _AdaLoraBudget:
-    """Trainer hooks driving AdaLoRA's rank allocation (it needs each step's gradients)."""
+    """Trainer hooks driving AdaLoRA's rank allocation. It scores ranks from each step's gradients,
+    so it runs before the optimizer step; the update then moves masked entries again (Adam's
+    momentum), so after the step the current rank pattern is applied once more, as saved."""
 
     def __init__(self, peft_model: Any) -> None:
         self.peft_model = peft_model
@@ -158,7 +166,10 @@ class _AdaLoraBudget:
         self.peft_model.base_model.update_and_allocate(step)
 
     def on_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        pass
+        tuner = self.peft_model.base_model
+        pattern = tuner.peft_config[tuner.trainable_adapter_name].rank_pattern
+        if pattern:
+            tuner.rankallocator.mask_using_rank_pattern(tuner.model, pattern)
 
     def state_dict(self) -> dict[str, Any]:
         return {}

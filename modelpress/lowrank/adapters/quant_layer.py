@@ -57,8 +57,15 @@ class FrozenBaseMatmul(torch.autograd.Function):
 
 
 def requantize(base: QuantLinear, dense: torch.Tensor) -> QuantLinear:
-    """``dense`` (out, in) quantised with ``base``'s own format and group size (same bias)."""
-    return QuantLinear.from_linear_weight(base.fmt.quantize(dense.detach().float()), base.bias)
+    """``dense`` (out, in) quantised in ``base``'s own format and group size (same bias): on the
+    layer's own grid (its stored scales / zero points / absmax, which GPTQ, AWQ and HQQ fitted with
+    care, and which a small update rarely leaves) or on a grid re-fitted to ``dense``, whichever
+    rounds closer."""
+    dense = dense.detach().float()
+    own = base.fmt.quantize(dense, stored=base.qtensor().params)
+    refit = base.fmt.quantize(dense)
+    err = lambda qt: float((qt.dequantize() - dense).norm())  # noqa: E731
+    return QuantLinear.from_linear_weight(own if err(own) <= err(refit) else refit, base.bias)
 
 
 def merge_error(W: torch.Tensor, merged: torch.Tensor, requantised: torch.Tensor) -> dict[str, float]:
