@@ -40,9 +40,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--lr", type=A.positive_float, default=2e-4, help="AdamW learning rate (default 2e-4)")
     p.add_argument("--seed", type=A.nonneg_int, default=0)
     p.add_argument("--output", required=True, help="new folder for adapter_config.json + adapter_model.safetensors")
-    p.add_argument("--merge", action="store_true",
+    m = p.add_mutually_exclusive_group()
+    m.add_argument("--merge", action="store_true",
                    help="also merge into the base (a quantised base is re-quantised; the error is reported) "
                         "and save the merged model in OUTPUT/merged")
+    m.add_argument("--merge-dense", action="store_true",
+                   help="also merge, turning each adapted quantised layer into a dense W + dW (exact, fp32 size); "
+                        "saved in OUTPUT/merged")
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
@@ -61,7 +65,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     check_source(args.data, "--data file")
     lm = api.load(args.model, trust_remote_code=args.trust_remote_code)
     rep = adapt(lm, cfg, train, args.data, args.output, seq_len=args.seq_len, merge=args.merge,
-                progress=not args.quiet)
+                merge_dense=args.merge_dense, progress=not args.quiet)
     res, losses = rep["result"], rep["result"]["losses"]
     loss = f", loss {losses[0][1]:.3f} (step {losses[0][0]}) -> {losses[-1][1]:.3f}" if len(losses) > 1 else ""
     print(f"wrote {args.output}: {args.method} adapter, {rep['trainable_params']:,} trainable parameters; "
@@ -69,7 +73,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
           file=sys.stderr)
     if "merge" in rep:
         m = rep["merge"]
+        lost = f"; share of the update lost by rounding mean {m['delta_lost_mean']:.3g}" if m["requantised_layers"] else ""
         print(f"merged into {args.output}/merged: {m['requantised_layers']} layers re-quantised, logits relative "
-              f"error {m['output_rel_error']:.4g} vs the unmerged adapter; share of the update lost by rounding "
-              f"mean {m['delta_lost_mean'] if m['delta_lost_mean'] is not None else 0:.3g}", file=sys.stderr)
+              f"error {m['output_rel_error']:.4g} vs the unmerged adapter{lost}", file=sys.stderr)
     return 0

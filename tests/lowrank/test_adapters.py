@@ -308,6 +308,22 @@ def test_merge_into_a_base_that_cannot_be_requantised_is_refused(fp32):
     torch.testing.assert_close(logits(pm), y, rtol=0, atol=0)  # refused before anything changed
     with pytest.raises(ModelpressError, match="cannot be re-quantised"):
         pm.merge_and_unload()  # PEFT's own entry point refuses too
+    merged, rep = merge_adapter(pm, IDS, dense=True)  # what the refusal offers: dense W + dW, exact
+    assert type(merged.model.layers[0].self_attn.q_proj) is nn.Linear and rep.output_rel_error < 1e-6
+
+
+def test_dense_merge_is_W_plus_delta_exactly(quantised):
+    pm = attach(quantised("nf4"), AdapterConfig(method="lora", r=4, alpha=8, targets=("up_proj",)))
+    randomise_adapter(pm)
+    layer = pm.base_model.model.model.layers[1].mlp.up_proj
+    expected = layer.get_base_layer().dequantized_weight() + \
+        layer.lora_B["default"].weight @ layer.lora_A["default"].weight * 2.0
+    merged, rep = merge_adapter(pm, IDS, dense=True)
+    lin = merged.model.layers[1].mlp.up_proj
+    assert type(lin) is nn.Linear and not rep.layer_errors
+    torch.testing.assert_close(lin.weight, expected, rtol=0, atol=1e-7)
+    assert rep.output_rel_error < 1e-6
+    assert isinstance(merged.model.layers[1].mlp.down_proj, QuantLinear)  # not adapted: still packed
 
 
 # ---- the command ---------------------------------------------------------------------------------------

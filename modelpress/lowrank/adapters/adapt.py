@@ -215,12 +215,18 @@ class MergeReport:
                 "delta_lost_max": stat("delta", max), "layer_errors": self.layer_errors}
 
 
-def merge_adapter(peft_model: Any, probe_ids: torch.Tensor | None = None) -> tuple[nn.Module, MergeReport]:
-    """Merge the adapter into the base and unload PEFT; a quantised base is re-quantised in its own
-    format. Refuses (before touching anything) when a wrapped base cannot be re-quantised."""
+def merge_adapter(peft_model: Any, probe_ids: torch.Tensor | None = None, *,
+                  dense: bool = False) -> tuple[nn.Module, MergeReport]:
+    """Merge the adapter into the base and unload PEFT. A quantised base is re-quantised in its own
+    format (refused, before anything changes, when a wrapped base cannot be); with ``dense`` it
+    becomes a plain ``nn.Linear`` holding ``W + ΔW`` instead: exact, at fp32 size. Why both: an
+    update smaller than the format's step mostly rounds away when re-quantised (the report says how
+    much, ``delta_lost``)."""
     wrappers = {n: m for n, m in peft_model.named_modules() if hasattr(m, "merge_errors")}
     for n, m in wrappers.items():
-        refuse_requantize(m.get_base_layer(), n)
+        m.merge_to_dense = dense
+        if not dense:
+            refuse_requantize(m.get_base_layer(), n)
     before = _logits(peft_model, probe_ids)
     merged = peft_model.merge_and_unload()
     rep = MergeReport({n: e for n, m in wrappers.items() for e in m.merge_errors.values()})

@@ -68,6 +68,17 @@ def requantize(base: QuantLinear, dense: torch.Tensor) -> QuantLinear:
     return QuantLinear.from_linear_weight(own if err(own) <= err(refit) else refit, base.bias)
 
 
+def dense_linear(base: nn.Module, dense: torch.Tensor) -> nn.Linear:
+    """A plain ``nn.Linear`` holding ``dense`` (out, in) and ``base``'s bias: a merge that keeps the
+    adapter exactly, at fp32 size."""
+    lin = nn.Linear(dense.shape[1], dense.shape[0], bias=base.bias is not None)
+    with torch.no_grad():
+        lin.weight.copy_(dense)
+        if base.bias is not None:
+            lin.bias.copy_(base.bias)
+    return lin.requires_grad_(False)
+
+
 def merge_error(W: torch.Tensor, merged: torch.Tensor, requantised: torch.Tensor) -> dict[str, float]:
     """What re-quantising the merged weight cost, for base ``W``, merged ``W' = W + ΔW`` and
     ``Q(W')``, all (out, in): ``weight`` = ||Q(W') - W'|| / ||W'||, and ``delta`` =
@@ -86,7 +97,7 @@ def refuse_requantize(base: nn.Module, name: str = "") -> None:
         raise ModelpressError(
             f"cannot merge an adapter into a {type(base).__name__}{where}: its weight cannot be re-quantised "
             "in its own format (only QuantLinear bases re-quantise, and dense nn.Linear merges exactly); "
-            "keep the adapter unmerged (save it with save_pretrained) or merge into a dense copy of the model")
+            "keep the adapter unmerged (save it with save_pretrained) or merge into dense layers (dense=True, --merge-dense)")
 
 
 @functools.cache
@@ -151,6 +162,7 @@ def quant_lora_linear() -> type:
             LoraLayer.__init__(self, base_layer)
             self.fan_in_fan_out = False
             self.merge_errors: dict[str, dict[str, float]] = {}  # adapter -> merge_error(...)
+            self.merge_to_dense = False  # True: merging gives a dense nn.Linear (exact) instead of re-quantising
             self._active_adapter = adapter_name
             self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
 
@@ -173,18 +185,23 @@ def quant_lora_linear() -> type:
             return self.lora_B[adapter].weight @ self.lora_A[adapter].weight * self.scaling[adapter]
 
         def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-            """Dequantise, add each adapter, re-quantise in the base's format (error in ``merge_errors``)."""
+            """Dequantise, add each adapter, re-quantise in the base's format (error in ``merge_errors``),
+            or keep the sum dense with ``merge_to_dense``."""
             for name in check_adapters_to_merge(self, adapter_names):
                 if name not in self.lora_A:
                     continue
                 base = self.get_base_layer()
-                refuse_requantize(base)
+                if not self.merge_to_dense:
+                    refuse_requantize(base)
                 W = base.dequantized_weight()  # (out, in)
                 merged = merged_weight(self, name, W).detach()
                 if safe_merge and not torch.isfinite(merged).all():
                     raise ValueError(f"NaNs in the merged weights: adapter {name} seems broken")
-                self.base_layer = requantize(base, merged)
-                self.merge_errors[name] = merge_error(W, merged, self.base_layer.dequantized_weight())
+                if self.merge_to_dense:
+                    self.base_layer = dense_linear(base, merged)
+                else:
+                    self.base_layer = requantize(base, merged)
+                    self.merge_errors[name] = merge_error(W, merged, self.base_layer.dequantized_weight())
                 self.merged_adapters.append(name)
 
         def unmerge(self) -> None:

@@ -5,7 +5,7 @@ Output folder::
 
     OUTPUT/adapter_config.json, adapter_model.safetensors   PEFT's own files (PeftModel.from_pretrained)
     OUTPUT/adapt_report.json                                 method, targets, tokens, CPU s, losses, merge
-    OUTPUT/merged/                                           with merge: a modelpress model folder
+    OUTPUT/merged/                                           with a merge: a modelpress model folder
 
 Example:
     >>> lm = mp.load("out/smollm2-qlora-nf4")                                                  # doctest: +SKIP
@@ -39,10 +39,12 @@ def check_output(output: str | Path) -> Path:
 
 
 def adapt(lm: LoadedModel, cfg: AdapterConfig, train: TrainConfig, data: str | Path, output: str | Path, *,
-          seq_len: int = 256, merge: bool = False, progress: bool = True) -> dict[str, Any]:
+          seq_len: int = 256, merge: bool = False, merge_dense: bool = False,
+          progress: bool = True) -> dict[str, Any]:
     """Train ``cfg``'s adapter on ``lm`` over text ``data`` and write it to ``output``; returns the
     report (also written as ``adapt_report.json``). ``lm.module`` ends as the trained PEFT model, or
-    the merged plain model with ``merge``."""
+    the merged plain model with ``merge`` (quantised layers re-quantised) or ``merge_dense`` (quantised
+    layers the adapter wraps become dense ``W + ΔW``)."""
     out = check_output(output)
     steps = train.total_steps(seq_len)
     samples = steps * train.batch_size if steps else 512  # each window seen once (fewer with a minutes budget)
@@ -56,8 +58,8 @@ def adapt(lm: LoadedModel, cfg: AdapterConfig, train: TrainConfig, data: str | P
                               "trainable_params": int(trainable), "all_params": int(total),
                               "result": result.to_dict(), "files": sorted(p.name for p in out.iterdir())}
     lm.module = pm
-    if merge:
-        lm.module, rep = merge_adapter(pm, _probe(data_))
+    if merge or merge_dense:
+        lm.module, rep = merge_adapter(pm, _probe(data_), dense=merge_dense)
         report["merge"] = rep.to_dict()
         save_compressed(lm, out / "merged")
     (out / REPORT).write_text(json.dumps(report, indent=1))
