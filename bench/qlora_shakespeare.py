@@ -169,6 +169,7 @@ def markdown(res: dict) -> str:
                      f"||Q(W')-W'||/||W'|| mean {m['weight_rel_error_mean']:.4f}; share of the adapter's update lost "
                      f"mean {m['delta_lost_mean']:.3f}, max {m['delta_lost_max']:.3f}.")
     lines.append(f"\nQuantising the base (qlora-nf4, RTN): {res['prepare']['quantise_cpu_s']:.0f} CPU s.")
+    lines += [f"\nNote: {n}" for n in res.get("notes", [])]
     return "\n".join(lines) + "\n"
 
 
@@ -181,6 +182,8 @@ def main() -> None:
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "qlora_shakespeare"))
     ap.add_argument("--variants", default="qlora,lora-fp32")
+    ap.add_argument("--render", help="only rewrite the Markdown of this result JSON (adding --note to it)")
+    ap.add_argument("--note", action="append", default=[], help="with --render: a note kept in the JSON")
     # child-process options
     ap.add_argument("--role", choices=["driver", "prepare", "row"], default="driver")
     ap.add_argument("--variant")
@@ -195,6 +198,12 @@ def main() -> None:
         torch.set_num_threads(1)
         out = prepare(args) if args.role == "prepare" else row(args)
         Path(args.result).write_text(json.dumps(out, default=str))
+        return
+    if args.render:
+        res = json.loads(Path(args.render).read_text())
+        res["notes"] = res.get("notes", []) + args.note
+        Path(args.render).write_text(json.dumps(res, indent=1, default=str))
+        Path(args.render).with_suffix(".md").write_text(markdown(res))
         return
     common = ["--steps", str(args.steps), "--batch", str(args.batch), "--seq-len", str(args.seq_len),
               "--eval-tokens", str(args.eval_tokens), "--eval-seq-len", str(args.eval_seq_len)]

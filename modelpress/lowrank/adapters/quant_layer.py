@@ -6,6 +6,7 @@ matmul into the adapter only), and the two places where PEFT reads a dense ``wei
 the dequantised one: DoRA's column norms and merging. Merging cannot add the delta to packed
 codes, so it dequantises, adds, and quantises again with the layer's own format and group size;
 the error that re-quantisation adds is recorded per adapter in ``merge_errors`` (:func:`merge_error`).
+With ``merge_to_dense`` the merged layer is a plain ``nn.Linear`` holding ``W + ΔW`` instead (exact).
 
 The class is built on first use because PEFT is an optional dependency and every module under
 ``modelpress.lowrank`` is imported when a registry lists its names.
@@ -24,8 +25,6 @@ from ..layer import CompensatedLinear
 
 #: Base layer types our LoRA layer wraps: packed quantised linears, and those plus an EoRA correction.
 QUANTISED_BASES: tuple[type[nn.Module], ...] = (QuantLinear, CompensatedLinear)
-#: LoRA variants (``LoraConfig`` fields) our quantised layer supports; PEFT refuses the others.
-SUPPORTED_VARIANTS = ("use_dora",)
 
 
 class DenseView:
