@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..eval.layer_stats import layer_bits, layer_sparsity
 from ..search.pareto import nondominated
 from .inputs import Inputs, Variant
 from .tables import MIB, cost, quality_metric, task_names
@@ -106,25 +107,6 @@ def _grid(layers: Sequence[dict[str, Any]], value: Any) -> tuple[list[int], list
     nan = float("nan")
     grid = [[value(per[(b, r)]) if (b, r) in per else nan for r in roles] for b in blocks]
     return blocks, roles, grid
-
-
-def layer_bits(recs: list[dict[str, Any]]) -> float:
-    """Stored bits per weight of a layer: its last quantiser's figure, else its last record's."""
-    quant = [r for r in recs if (r.get("fmt") or {}).get("bits") is not None and r.get("bits_per_weight")]
-    pick = (quant or [r for r in recs if r.get("bits_per_weight")] or [{}])[-1]
-    return pick.get("bits_per_weight") or float("nan")
-
-
-def layer_sparsity(recs: list[dict[str, Any]]) -> float:
-    """Fraction of a layer's weights a pruning stage zeroed (0 when none did)."""
-    for r in reversed(recs):
-        f = r.get("fmt") or {}
-        pat = f.get("pattern") or {}
-        if isinstance(pat, dict) and pat.get("type") == "nm":
-            return 1 - pat["n"] / pat["m"]
-        if f.get("sparsity") is not None:
-            return float(f["sparsity"])
-    return 0.0
 
 
 def heatmaps(variants: Sequence[Variant]) -> bytes | None:

@@ -5,9 +5,12 @@ a reader (and the tests) can find each figure of an input in the report.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
+from ..eval.layer_stats import mean_final_bits
 from ..eval.perf import cost_per_million
 from .inputs import Inputs, Variant
 
@@ -190,13 +193,22 @@ def search_front(search: dict[str, Any]) -> Table:
     names = list(front[0]["params"]) if front else []
     rows = tuple((str(r["number"]), *[fmt(r["params"][k], 3) for k in names], fmt(r["objectives"]["perplexity"], 3),
                   fmt(r["objectives"]["size_bytes"] / MIB, 2), fmt(r["objectives"]["latency_ms"], 2),
-                  fmt((r.get("measures") or {}).get("bits_per_weight"), 2)) for r in front)
+                  fmt(_trial_bits(search, r), 2)) for r in front)
     c = search.get("counts", {})
     return Table(f"Search {search['study']}: Pareto front", ("trial", *names, "perplexity", "size MiB", "ms/token",
                                                                "bits/weight"), rows,
                  f"{len(front)} of {c.get('COMPLETE', 0)} measured trials are Pareto-optimal in perplexity, size "
                  f"and decode latency ({c.get('FAIL', 0)} failed, {c.get('REUSED', 0)} proposals repeated a "
                  "measured recipe).")
+
+
+def _trial_bits(search: dict[str, Any], trial: dict[str, Any]) -> float | None:
+    """Mean stored bits per weight of a trial, from its compress report's layers when the search
+    folder still holds it (what each layer finally stores), else the search's own figure."""
+    rep = Path(search["path"]).parent / str(trial.get("folder", "")) / "compress_report.json"
+    if trial.get("folder") and rep.is_file():
+        return mean_final_bits(json.loads(rep.read_text())["layers"])
+    return (trial.get("measures") or {}).get("bits_per_weight")
 
 
 def perf_rows(inputs: Inputs, price_per_hour: float | None) -> Table | None:

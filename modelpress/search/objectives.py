@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ..core.errors import ModelpressError
+from ..eval.layer_stats import mean_final_bits
 from ..pipeline.recipe import Recipe
 
 #: The objectives, in the order the study holds them; all are minimised.
@@ -111,7 +112,7 @@ class TrialEvaluator:
         return {"objectives": {"perplexity": ev["perplexity"], "size_bytes": float(ev["size_bytes"]),
                                "latency_ms": lat["latency_ms"]},
                 "measures": {"memory_bytes": ev["memory_bytes"], "params": ev["params"],
-                             "bits_per_weight": report.get("mean_bits_per_weight"), "compress_s": compress_s,
+                             "bits_per_weight": mean_final_bits(report["layers"]), "compress_s": compress_s,
                              "compress_cpu_s": report.get("compress_cpu_s"), "eval_tokens": ev["tokens"],
                              "latency_kind": lat["latency_kind"], "decode_tokens_per_s": lat.get("decode_tokens_per_s"),
                              "ttft_s": lat.get("ttft_s")}}

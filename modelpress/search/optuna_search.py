@@ -243,7 +243,8 @@ def _trial_line(t: Any) -> str:
     if t.state.name != "COMPLETE":
         return f"trial {t.number}: {t.state.name.lower()} {t.params} {t.user_attrs.get('error', '')}"
     ppl, size, lat = t.values
-    return f"trial {t.number}: {t.params} -> perplexity {ppl:.3f}, {size / 2**20:.2f} MiB, {lat:.2f} ms/token"
+    again = f" (the numbers of trial {t.user_attrs['reused_from']}: same recipe)" if "reused_from" in t.user_attrs else ""
+    return f"trial {t.number}: {t.params} -> perplexity {ppl:.3f}, {size / 2**20:.2f} MiB, {lat:.2f} ms/token{again}"
 
 
 def trial_records(study: Any) -> list[dict[str, Any]]:

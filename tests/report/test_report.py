@@ -17,7 +17,7 @@ pytest.importorskip("optuna")
 from modelpress.cli.main import main  # noqa: E402
 from modelpress.core.errors import ModelpressError  # noqa: E402
 from modelpress.report.inputs import read_inputs  # noqa: E402
-from modelpress.report.plots import layer_bits, layer_sparsity  # noqa: E402
+from modelpress.eval.layer_stats import layer_bits, layer_sparsity, mean_final_bits  # noqa: E402
 from modelpress.search.pareto import nondominated  # noqa: E402
 from tests.conftest import TEXT  # noqa: E402
 
@@ -244,6 +244,7 @@ def test_layer_bits_and_sparsity_from_records() -> None:
             {"name": "l", "method": "rtn", "fmt": {"type": "int", "bits": 4, "granularity": {"kind": "group", "size": 32}},
              "bits_per_weight": 4.5}]
     assert layer_bits(recs) == 4.5 and layer_sparsity(recs) == 0.5
+    assert mean_final_bits(recs + [{"name": "m", "fmt": {"bits": 8}, "bits_per_weight": 8.5}]) == 6.5
     assert layer_sparsity([{"fmt": {"pattern": {"type": "nm", "n": 2, "m": 4}}}]) == 0.5
     assert layer_sparsity(recs[1:]) == 0.0
 
