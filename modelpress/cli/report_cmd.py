@@ -30,6 +30,7 @@ def add_parser(sub: Any) -> None:
     r.add_argument("--markdown", help="write the Markdown summary here (figures as PNG in NAME_files/ beside it)")
     r.add_argument("--baseline", help="label of the reference model (default: the largest on disk)")
     r.add_argument("--title", default="modelpress report")
+    r.add_argument("--note", default="", help="a line under the title: where and how the inputs were measured")
     r.add_argument("--price-per-hour", type=A.positive_float, default=1.0,
                    help="machine price per hour, for the cost per million tokens (default 1.0)")
 
@@ -45,7 +46,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from ..report.render import ReportOptions, write_report
 
     inputs = read_inputs(args.inputs)
-    opts = ReportOptions(title=args.title, baseline=args.baseline, price_per_hour=args.price_per_hour)
+    opts = ReportOptions(title=args.title, note=args.note, baseline=args.baseline, price_per_hour=args.price_per_hour)
     for p in write_report(inputs, opts, args.html, args.markdown):
         print(f"wrote {p}", file=sys.stderr)
     return 0

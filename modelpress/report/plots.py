@@ -82,12 +82,13 @@ def _pareto_panel(ax: Any, points: list[tuple[float, float, str]], named: bool) 
 
 def _quality_axis(ax: Any, ys: Sequence[float], what: str) -> None:
     """Log scale only when the values span more than 8x (plain numbers on the ticks either way)."""
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
 
     wide = min(ys) > 0 and max(ys) / min(ys) > 8
     if wide:
         ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 100, 200, 500: readable, not 10^2
+        ax.yaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
         ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_ylabel(f"{what}{' (log scale)' if wide else ''}, lower is better")
 
@@ -120,7 +121,7 @@ def heatmaps(variants: Sequence[Variant]) -> bytes | None:
     vmin, vmax = min([2.0, *values]), max([8.0, *values])
     plt = _plt()
     nrows, n_blocks = 2 if pruned else 1, max(len(g[0]) for _, g, _ in grids)
-    fig, axes = plt.subplots(nrows, len(grids), figsize=(3.2 * len(grids) + 1.2, nrows * (0.13 * n_blocks + 1.6)),
+    fig, axes = plt.subplots(nrows, len(grids), figsize=(3.2 * len(grids) + 1.2, nrows * (0.08 * n_blocks + 1.6)),
                              squeeze=False)
     for k, (label, bits, sparse) in enumerate(grids):
         rows = [(bits, "bits/weight", "viridis", vmin, vmax)] + ([(sparse, "sparsity", "magma_r", 0.0, 1.0)] if pruned else [])
@@ -169,7 +170,7 @@ def slice_deltas(inputs: Inputs, family: str = "data") -> bytes | None:
         ax.axvline(0, color="black", lw=0.8)
         ax.set_xlabel(f"Δ {quality_metric(next(v.tasks[t] for v in variants if t in v.tasks))} vs baseline")
         ax.set_title(f"{t}: per-slice change (hatched: flagged)")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(variants), frameon=False)
     return png(fig)
 
 
@@ -182,33 +183,28 @@ def _delta_table(v: Variant, task: str, family: str) -> dict[str, Any] | None:
 
 
 def elasticity(inputs: Inputs, base: Variant | None, family: str = "data") -> bytes | None:
-    """Each slice's metric as compression increases (x: how many times smaller than the baseline)."""
+    """Each slice's metric as compression increases: models left to right from largest to smallest on
+    disk (evenly spaced, each tick says how many times smaller than the baseline it is)."""
     ordered = sorted((v for v in inputs.variants if v.tasks and v.size_bytes), key=lambda v: -v.size_bytes)
     ref = base.size_bytes if base is not None and base.size_bytes else (ordered[0].size_bytes if ordered else None)
     tasks = task_names(ordered)
     if len(ordered) < 2 or not tasks:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 5.2), squeeze=False)
     for ax, t in zip(axes[0], tasks):
-        xs = [ref / v.size_bytes for v in ordered if t in v.tasks]
         pts = [v for v in ordered if t in v.tasks]
+        xs = list(range(len(pts)))
         metric = quality_metric(pts[0].tasks[t])
         slices = list(dict.fromkeys(s for v in pts for s in _slice_values(v, t, family)))
         for i, s in enumerate(slices):
             ax.plot(xs, [_slice_values(v, t, family).get(s, float("nan")) for v in pts], marker="o", lw=1.2,
-                    color=PALETTE[i % len(PALETTE)], label=s, alpha=0.85)
+                    color=PALETTE[i % len(PALETTE)], label=s, alpha=0.8)
         ax.plot(xs, [v.tasks[t][metric] for v in pts], marker="s", lw=3, color="black", label="all items")
-        for x, v in zip(xs, pts):
-            ax.annotate(v.label, (x, v.tasks[t][metric]), textcoords="offset points", xytext=(0, -14), fontsize=8,
-                        ha="center")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(xs, [f"{x:.1f}x" for x in xs])
-        ax.minorticks_off()
-        ax.set_xlabel("times smaller on disk than the baseline (log scale)")
+        ax.set_xticks(xs, [f"{v.label}\n{ref / v.size_bytes:.2f}x smaller" for v in pts], fontsize=8)
         ax.set_ylabel(metric)
         ax.set_title(f"{t}: capability elasticity per slice")
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
     return png(fig)
 
 
@@ -233,7 +229,7 @@ def perf_bars(inputs: Inputs, price_per_hour: float | None) -> bytes | None:
     fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.6), squeeze=False)
     for ax, (title, ys) in zip(axes[0], panels):
         bars = ax.bar(range(len(vs)), [y or 0 for y in ys], color=[PALETTE[(i + 1) % len(PALETTE)] for i in range(len(vs))])
-        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        ax.bar_label(bars, labels=[f"{y:.0f}" if y >= 100 else f"{y:.3g}" for y in ys], fontsize=8)
         ax.set_xticks(range(len(vs)), [v.label for v in vs], rotation=30, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.grid(axis="x", visible=False)
