@@ -13,6 +13,8 @@ Runs the CLI's compress in-process with timers wrapped around the engine's parts
 
     python bench/engine_profile.py --recipe gptq-w4-g64 --threads 2 --out /tmp/prof
     python bench/engine_profile.py --recipe gptq-w4-g64 --eval --out bench/results/engine_profile_gptq
+    python bench/engine_profile.py --recipe gptq-w4-g64 --threads 2 --as-safetensors --extra=--low-memory \
+        --eval --out bench/results/engine_profile_low_memory
 
 ``--eval`` also measures the output's perplexity on the first 8,192 WikiText-2 tokens (1,024-token
 windows, not timed) against the float model's 29.511.
@@ -204,8 +206,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     ap.add_argument("--eval", action="store_true", help="also measure the output's perplexity (not timed)")
     ap.add_argument("--extra", nargs="*", default=[], help="more compress arguments (e.g. --low-memory)")
+    ap.add_argument("--as-safetensors", action="store_true",
+                    help="first write --model as an fp32 safetensors folder (in a child process, not timed) and "
+                         "compress that: what --low-memory needs")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    fp32_bytes = None
+    if args.as_safetensors:
+        folder = Path(tempfile.mkdtemp(prefix="mp-prof-fp32-")) / "model"
+        import subprocess
+
+        subprocess.run([sys.executable, "-c", "import sys, modelpress as mp\n"
+                        "lm = mp.load(sys.argv[1]); lm.module.save_pretrained(sys.argv[2]); lm.tokenizer.save(sys.argv[2])",
+                        args.model, str(folder)], check=True)
+        args.model = str(folder)
+        fp32_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     os.environ["MODELPRESS_PROGRESS"] = "0"
     t_start, c_start = time.perf_counter(), time.process_time()
     import torch
@@ -242,6 +257,9 @@ def main() -> None:
            "rss_after_imports_bytes": rss_imports,
            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
            "peak_rss_sampled_bytes": sec.peak[0], "peak_rss_part": sec.peak[1],
+           "fp32_safetensors_bytes": fp32_bytes,
+           "peak_rss_over_fp32": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / fp32_bytes
+                                  if fp32_bytes else None),
            "load_average_1min": os.getloadavg()[0]}
     report = json.loads((out / "report.json").read_text())
     res["report_compress_s"], res["report_load_s"] = report.get("compress_s"), report.get("load_s")

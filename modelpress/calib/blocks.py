@@ -11,6 +11,8 @@ while the cache replays the block, that submodule returns the known output inste
 """
 from __future__ import annotations
 
+import mmap
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -21,10 +23,47 @@ import torch.nn as nn
 from ..core.errors import ModelpressError
 from ..models.archspec import get_blocks
 from ..models.loading import LoadedModel
+from ..models.mapped import page_out
 
 
 class _Stop(Exception):
     """Raised by the capture hook to stop the forward pass at the first block."""
+
+
+#: Tokens per block forward: ~4k keeps the calls few; with the cache on disk (low memory) half
+#: that, since a forward's temporaries (the MLP's four (tokens, intermediate) tensors) then
+#: dominate what is left in RAM.
+FORWARD_TOKENS, FORWARD_TOKENS_ON_DISK = 4096, 2048
+
+
+class MappedFile:
+    """A file mapped shared into memory whose pages are handed back to the OS once used.
+
+    Pages written through a shared mapping stay resident (and count in the process's RSS) until
+    unmapped; ``release`` drops a byte range from the mapping with ``MADV_DONTNEED``, which keeps
+    the data (the page cache holds it, and writes it to the file) and reads it back on next use.
+    """
+
+    def __init__(self, path: str, nbytes: int) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.ftruncate(fd, nbytes)
+            self.mm = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+
+    def tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = 1
+        for d in shape:
+            n *= d
+        return torch.frombuffer(self.mm, dtype=dtype, count=n).view(shape)
+
+    def release(self, start: int, stop: int) -> None:
+        """Drop bytes ``[start, stop)`` (widened to whole pages) from RAM; their data stays in the file."""
+        page = mmap.PAGESIZE
+        a, b = start // page * page, min(len(self.mm), -(-stop // page) * page)
+        if b > a and hasattr(self.mm, "madvise"):
+            self.mm.madvise(mmap.MADV_DONTNEED, a, b - a)
 
 
 @dataclass
@@ -41,10 +80,19 @@ class BlockInputs:
     #: submodules of the current block whose outputs are known (they return those instead of running);
     #: the engine clears it whenever a stage may change the block
     known: dict[nn.Module, "KnownOutputs"] = field(default_factory=dict)
+    #: the file ``hidden`` is mapped from (on disk only): samples are released from RAM once used
+    pages: MappedFile | None = None
 
     def batches(self) -> Iterator[torch.Tensor]:
         for s in range(0, self.hidden.shape[0], self.batch_size):
             yield self.hidden[s:s + self.batch_size]
+            self.release(s, s + self.batch_size)
+
+    def release(self, s: int, e: int) -> None:
+        """Samples ``s:e`` of an on-disk cache leave RAM (no-op in RAM)."""
+        if self.pages is not None:
+            row = self.hidden[0].numel() * self.hidden.element_size()
+            self.pages.release(s * row, min(e, self.hidden.shape[0]) * row)
 
     def forget_known(self) -> None:
         """Drop every known submodule output (the block is about to change)."""
@@ -108,6 +156,7 @@ class BlockInputs:
                 cursor[0] = b
                 y = block(self.hidden[s:s + self.batch_size], **self.kwargs)
                 out[s:s + self.batch_size] = y[0] if isinstance(y, tuple) else y
+                self.release(s, s + self.batch_size)
         return out
 
     def propagate(self, block: nn.Module) -> None:
@@ -117,6 +166,7 @@ class BlockInputs:
                 cursor[0] = b
                 out = block(self.hidden[s:s + self.batch_size], **self.kwargs)
                 self.hidden[s:s + self.batch_size] = out[0] if isinstance(out, tuple) else out
+                self.release(s, s + self.batch_size)
         self.forget_known()  # they were this block's
 
 
@@ -247,8 +297,12 @@ def capture_first_block_inputs(lm: LoadedModel, calib: torch.Tensor, offload: st
         kwargs.pop("hidden_states", None)
         store.setdefault("kwargs", kwargs)
         if "hidden" not in store:  # (n_samples, seq, d), allocated once the shape is known
-            store["hidden"] = _allocate((calib.shape[0], *x.shape[1:]), x.dtype, offload, x.device)
-        store["hidden"][store.setdefault("n", 0)] = x[0].detach()
+            store["hidden"], store["pages"] = _allocate((calib.shape[0], *x.shape[1:]), x.dtype, offload, x.device)
+        n = store.setdefault("n", 0)
+        store["hidden"][n] = x[0].detach()
+        if store["pages"] is not None:
+            row = x[0].numel() * x.element_size()
+            store["pages"].release(n * row, (n + 1) * row)
         store["n"] += 1
         raise _Stop
 
@@ -264,10 +318,11 @@ def capture_first_block_inputs(lm: LoadedModel, calib: torch.Tensor, offload: st
                 pass
     finally:
         handle.remove()
+    page_out()  # the embedding rows (mapped in low-memory mode) this pass read are not needed again
     hidden = store["hidden"]
     kwargs = {k: v for k, v in store["kwargs"].items() if k not in ("past_key_value", "past_key_values", "use_cache")}
-    batch = max(1, 4096 // hidden.shape[1])  # ~4k tokens per forward: fewer calls, bounded memory
-    return BlockInputs(hidden, kwargs, batch_size=batch, on_disk=offload is not None)
+    batch = max(1, (FORWARD_TOKENS if offload is None else FORWARD_TOKENS_ON_DISK) // hidden.shape[1])
+    return BlockInputs(hidden, kwargs, batch_size=batch, on_disk=offload is not None, pages=store["pages"])
 
 
 def _call_model(model: nn.Module, ids: torch.Tensor) -> Any:
@@ -278,11 +333,12 @@ def _call_model(model: nn.Module, ids: torch.Tensor) -> Any:
 
 
 def _allocate(shape: tuple[int, ...], dtype: torch.dtype, path: str | None,
-              device: torch.device = torch.device("cpu")) -> torch.Tensor:
-    """A tensor on ``device``, or (CPU only) backed by a memory-mapped file at ``path``."""
+              device: torch.device = torch.device("cpu")) -> tuple[torch.Tensor, MappedFile | None]:
+    """A tensor on ``device``, or (CPU only) backed by a memory-mapped file at ``path`` (and that file)."""
     if path is None or device.type != "cpu":
-        return torch.empty(shape, dtype=dtype, device=device)
-    n = 1
+        return torch.empty(shape, dtype=dtype, device=device), None
+    n = dtype.itemsize
     for d in shape:
         n *= d
-    return torch.from_file(path, shared=True, size=n, dtype=dtype).view(shape)
+    pages = MappedFile(path, n)
+    return pages.tensor(shape, dtype), pages

@@ -3,7 +3,8 @@
 The model is built with its real non-block parts (embeddings, final norm, head, rotary tables) and
 a list of empty blocks; :meth:`LazyBlocks.ensure` reads one block's tensors from the memory-mapped
 safetensors files when the sequential engine reaches it. Peak memory is then one float block plus
-whatever was already compressed, not the whole float model.
+whatever was already compressed, not the whole float model. The parts outside the blocks are
+mapped from the files (:mod:`.mapped`), so an embedding table costs RAM only for the rows read.
 """
 from __future__ import annotations
 
@@ -114,6 +115,24 @@ def read_keys(key_to_file: dict[str, Path], prefix: str, exclude: str | None = N
     return out
 
 
+def map_keys(key_to_file: dict[str, Path], prefix: str, exclude: str | None = None) -> dict[str, torch.Tensor]:
+    """As :func:`read_keys`, but the tensors stay in the files' pages (see :mod:`.mapped`).
+
+    For the parts outside the blocks (embeddings, head, final norm): the embedding table is the
+    largest tensor of a small model and a calibration run reads only its rows for the tokens seen.
+    """
+    from .mapped import map_tensors
+
+    by_file: dict[Path, list[str]] = {}
+    for k, f in key_to_file.items():
+        if k.startswith(prefix) and not (exclude and k.startswith(exclude)):
+            by_file.setdefault(f, []).append(k)
+    out = {}
+    for f, names in by_file.items():
+        out.update({k[len(prefix):]: t for k, t in map_tensors(f, names).items()})
+    return out
+
+
 def load_lazy(folder: str | Path, *, trust_remote_code: bool = False) -> LoadedModel:
     """A model whose blocks load on demand (see module docstring); blocks must be homogeneous."""
     import transformers
@@ -122,7 +141,8 @@ def load_lazy(folder: str | Path, *, trust_remote_code: bool = False) -> LoadedM
     config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     n_layers = config.num_hidden_layers
     small = config.__class__.from_dict({**config.to_dict(), "num_hidden_layers": 1})
-    model = hf_auto_class(config).from_config(small, trust_remote_code=trust_remote_code)
+    with _no_init_weights():  # every tensor is read from the files: random init would only touch pages
+        model = hf_auto_class(config).from_config(small, trust_remote_code=trust_remote_code)
     spec = detect_spec(model)
     prefix = blocks_path(model, spec) if spec else None
     if prefix is None:
@@ -130,16 +150,36 @@ def load_lazy(folder: str | Path, *, trust_remote_code: bool = False) -> LoadedM
     _meta_blocks(model, prefix, n_layers)
     model.config.num_hidden_layers = n_layers
     keys = shard_index(folder)
-    rest = read_keys(keys, "", exclude=prefix + ".")
-    missing, unexpected = model.load_state_dict(rest, strict=False)
+    rest = map_keys(keys, "", exclude=prefix + ".")
+    missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
     if unexpected:
         raise ModelpressError(f"{folder}: unexpected tensors {unexpected[:3]}")
-    if getattr(config, "tie_word_embeddings", False):
+    tied = getattr(config, "tie_word_embeddings", False)
+    if tied:
         model.tie_weights()
+    absent = [k for k in missing if not k.startswith(prefix + ".") and not (tied and _is_tied_head(model, k))]
+    if absent:  # nothing was initialised: a tensor the files lack would hold garbage
+        raise ModelpressError(f"{folder}: the checkpoint lacks {absent[:3]}")
     model.eval()
     lm = LoadedModel(model, spec, try_tokenizer(str(folder)), str(folder), "hf", files=model_files(folder))
     lm.lazy = LazyBlocks(model, prefix, keys)  # type: ignore[attr-defined]
     return lm
+
+
+def _no_init_weights() -> Any:
+    """transformers' context that skips weight initialisation (its module moved in v5)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
+def _is_tied_head(model: nn.Module, key: str) -> bool:
+    """``key`` names the output head's weight and it is the input embedding's tensor now."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and emb is not None and key.endswith("weight") and head.weight is emb.weight \
+        and key.rsplit(".", 1)[0] in {n for n, m in model.named_modules() if m is head}
 
 
 def _meta_blocks(model: nn.Module, prefix: str, n: int) -> None:

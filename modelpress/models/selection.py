@@ -9,6 +9,7 @@ from ..core.selectors import select
 from .archspec import role_of
 from .layers import linear_weight, named_linears
 from .loading import LoadedModel
+from .mapped import checked_at_load
 
 
 def select_layers(lm: LoadedModel, cfg: MethodConfig) -> list[tuple[str, torch.nn.Module]]:
@@ -57,6 +58,8 @@ def check_model_finite(lm: LoadedModel) -> None:
         if key in seen:
             continue
         seen.add(key)
+        if checked_at_load(t):  # mapped from its file and checked then: reading it again pages it all in
+            continue
         if not torch.isfinite(t).all():
             n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
             raise ModelpressError(f"{lm.source}: tensor {name} holds {n_nan} NaN and {n_inf} Inf value(s); "

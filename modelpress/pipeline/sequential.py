@@ -27,7 +27,8 @@ from ..calib.blocks import BlockInputs, capture_first_block_inputs
 from ..core.errors import ModelpressError
 from ..core.layers import install_packed_layers, layer_formats, load_resized
 from ..core.method import BlockStage, LayerRecord, RunContext
-from ..core.outputs import save_safetensors
+from ..core.outputs import save_safetensors, writing
+from ..models.mapped import save_by_rows
 from ..models.archspec import blocks_path, get_blocks
 from ..models.loading import LoadedModel
 from ..models.saved import read_safetensors
@@ -80,10 +81,10 @@ class Checkpointer:
         sd = {k: v.contiguous() for k, v in blk.state_dict().items()}
         save_safetensors(sd, str(self.dir / f"block{next_block - 1}.safetensors.tmp"))
         os.replace(self.dir / f"block{next_block - 1}.safetensors.tmp", self.dir / f"block{next_block - 1}.safetensors")
-        streams = {"hidden": inputs.hidden.contiguous()}
-        if floats is not None:
-            streams["float_hidden"] = floats.hidden.contiguous()
-        save_safetensors(streams, str(self.dir / "inputs.safetensors.tmp"))
+        streams = {"hidden": inputs} | ({"float_hidden": floats} if floats is not None else {})
+        with writing(self.dir / "inputs.safetensors.tmp"):  # batch by batch: an on-disk cache stays on disk
+            save_by_rows(self.dir / "inputs.safetensors.tmp", {k: v.hidden for k, v in streams.items()},
+                         inputs.batch_size, lambda k, a, b: streams[k].release(a, b))
         os.replace(self.dir / "inputs.safetensors.tmp", self.dir / "inputs.safetensors")
         self.formats[str(next_block - 1)] = layer_formats(blk)
         state = {"signature": self.signature, "next_block": next_block, "layers": [vars(r) for r in ctx.layers],
@@ -115,10 +116,7 @@ class Checkpointer:
             for stage in stages:
                 if hasattr(stage, "restore_block"):
                     stage.restore_block(lm, i, blk)
-        streams = read_safetensors(self.dir / "inputs.safetensors")
-        inputs.hidden.copy_(streams["hidden"])
-        if floats is not None:
-            floats.hidden.copy_(streams["float_hidden"])
+        _read_streams(self.dir / "inputs.safetensors", {"hidden": inputs} | ({"float_hidden": floats} if floats is not None else {}))
         ctx.layers[:] = [LayerRecord(**{**r, "shape": tuple(r["shape"]) if r.get("shape") else None}) for r in state["layers"]]
         ctx.warnings[:] = state["warnings"]
 
@@ -145,6 +143,21 @@ def code_fingerprint() -> str:
 def tensor_digest(t: torch.Tensor) -> str:
     """sha256 of a tensor's values (two calibration sets of one shape are different jobs)."""
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def _read_streams(path: Path, streams: dict[str, BlockInputs]) -> None:
+    """Load checkpointed activation streams into the caches batch by batch (never whole in RAM)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as h:
+            for name, s in streams.items():
+                part = h.get_slice(name)
+                for a in range(0, s.hidden.shape[0], s.batch_size):
+                    s.hidden[a:a + s.batch_size] = part[a:a + s.batch_size]
+                    s.release(a, a + s.batch_size)
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise ModelpressError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
 
 
 def run_sequential(lm: LoadedModel, stages: list[tuple[BlockStage, str] | tuple[Any, str, bool]], ctx: RunContext,

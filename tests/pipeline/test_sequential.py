@@ -25,7 +25,12 @@ def calib():
     return torch.randint(0, 300, (6, 32))
 
 
-def test_interrupted_run_resumes_bit_identical(tmp_path, calib, monkeypatch):
+@pytest.mark.parametrize("offload", [False, True], ids=["in-ram", "on-disk"])
+def test_interrupted_run_resumes_bit_identical(tmp_path, calib, monkeypatch, offload):
+    """On disk the activation cache is checkpointed and restored batch by batch (2 samples a batch here)."""
+    from modelpress.calib import blocks
+
+    monkeypatch.setattr(blocks, "FORWARD_TOKENS_ON_DISK", 2 * calib.shape[1])
     base = make_tiny_llama(seed=5, layers=4)
     ref = mp.load(copy.deepcopy(base))
     mp.apply(ref, RECIPE, calib=calib, progress=False)
@@ -41,12 +46,12 @@ def test_interrupted_run_resumes_bit_identical(tmp_path, calib, monkeypatch):
 
     monkeypatch.setattr(sequential, "run_sequential", crash_at_block_2)
     with pytest.raises(KeyboardInterrupt):
-        mp.apply(lm, RECIPE, calib=calib, progress=False, workdir=tmp_path / "work")
+        mp.apply(lm, RECIPE, calib=calib, progress=False, workdir=tmp_path / "work", offload_activations=offload)
     assert (tmp_path / "work" / "modelpress-run" / "state.json").exists()
     monkeypatch.setattr(sequential, "run_sequential", real)
 
     fresh = mp.load(copy.deepcopy(base))  # a new process would start from the float model again
-    ctx = mp.apply(fresh, RECIPE, calib=calib, progress=False, workdir=tmp_path / "work")
+    ctx = mp.apply(fresh, RECIPE, calib=calib, progress=False, workdir=tmp_path / "work", offload_activations=offload)
     assert any("resumed from checkpoint after block 1" in w for w in ctx.warnings)
     a, b = _packed(ref.module), _packed(fresh.module)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
