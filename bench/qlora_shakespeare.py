@@ -83,9 +83,11 @@ class PeakRSS:
         self.peak = max(self.peak, rss_bytes())
 
 
-def ppl(lm, held: Path, args: argparse.Namespace) -> float:
+def ppl(lm, held: Path, args: argparse.Namespace) -> float | None:
     import modelpress as mp
 
+    if not args.eval_tokens:  # --eval-tokens 0: a memory-only run
+        return None
     return mp.evaluate(lm, held, seq_len=args.eval_seq_len, max_tokens=args.eval_tokens, progress=False)["perplexity"]
 
 
@@ -115,6 +117,8 @@ def row(args: argparse.Namespace) -> dict:
     data = training_for(lm, train_txt, n_samples=args.steps * args.batch, seq_len=args.seq_len, seed=0)
     cfg = AdapterConfig(method="lora", r=16, alpha=32)
     pm = attach(lm.module, cfg)
+    if args.checkpointing:  # recompute each block's activations in backward (torch's non-reentrant checkpoint)
+        pm.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     out["trainable_params"], out["all_params"] = (int(x) for x in pm.get_nb_trainable_parameters())
     release_freed_memory()  # what loading and evaluating freed goes back to the OS: RSS = live memory
     out["rss_before_train"] = rss_bytes()
@@ -124,7 +128,7 @@ def row(args: argparse.Namespace) -> dict:
     out |= {"train": res.to_dict(), "train_peak_rss": peak.peak}
     lm.module = pm
     out["ppl_after"] = ppl(lm, held, args)
-    if args.variant == "qlora":
+    if args.variant == "qlora" and args.eval_tokens:
         ids = lm.tokenizer.encode(held.read_text(encoding="utf-8"))[: 2 * args.seq_len]
         merged, rep = merge_adapter(pm, torch.tensor(ids).view(2, args.seq_len))
         lm.module = merged
@@ -150,15 +154,18 @@ def run_child(argv: list[str]) -> dict:
 def markdown(res: dict) -> str:
     b = res["budget"]
     mb = lambda x: f"{x / 2**20:,.0f} MB"  # noqa: E731
+    ppl_text = (f"held-back PPL on the first {b['eval_tokens']:,} tokens of the last 10% of the text (windows of "
+                f"{b['eval_seq_len']})" if b["eval_tokens"] else "memory only (no PPL)")
     lines = [f"# QLoRA (qlora-nf4 + LoRA) vs LoRA on fp32 — SmolLM2-135M on Tiny Shakespeare\n",
-             f"Budget per row: {b['steps']} steps x {b['batch']} x {b['seq_len']} tokens; LoRA r=16, alpha=32 on every "
-             f"decoder linear; held-back PPL on the first {b['eval_tokens']:,} tokens of the last 10% of the text "
-             f"(windows of {b['eval_seq_len']}). 1 torch thread, shared 2-core CPU.\n",
+             f"Budget per row: {b['steps']} steps x {b['batch']} x {b['seq_len']} tokens, AdamW lr {b.get('lr', LR):g}"
+             f"{', gradient checkpointing' if b.get('checkpointing') else ''}; LoRA r=16, alpha=32 on every decoder "
+             f"linear; {ppl_text}. 1 torch thread, shared 2-core CPU.\n",
              "| base | PPL before | PPL after | tokens | train CPU s | train wall s | RSS before training | peak RSS in training | peak RSS (process) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         t = r["train"]
-        lines.append(f"| {r['variant']} | {r['ppl_before']:.2f} | {r['ppl_after']:.2f} | {t['tokens']:,} | {t['cpu_s']:.0f} | "
+        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        lines.append(f"| {r['variant']} | {fmt(r['ppl_before'])} | {fmt(r['ppl_after'])} | {t['tokens']:,} | {t['cpu_s']:.0f} | "
                      f"{t['wall_s']:.0f} | {mb(r['rss_before_train'])} | {mb(r['train_peak_rss'])} | {mb(r['ru_maxrss'])} |")
     q = next((r for r in res["rows"] if "merge" in r), None)
     if q:
@@ -182,6 +189,7 @@ def main() -> None:
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "qlora_shakespeare"))
     ap.add_argument("--variants", default="qlora,lora-fp32")
+    ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in both rows")
     ap.add_argument("--render", help="only rewrite the Markdown of this result JSON (adding --note to it)")
     ap.add_argument("--note", action="append", default=[], help="with --render: a note kept in the JSON")
     # child-process options
@@ -206,12 +214,14 @@ def main() -> None:
         Path(args.render).with_suffix(".md").write_text(markdown(res))
         return
     common = ["--steps", str(args.steps), "--batch", str(args.batch), "--seq-len", str(args.seq_len),
-              "--eval-tokens", str(args.eval_tokens), "--eval-seq-len", str(args.eval_seq_len)]
+              "--eval-tokens", str(args.eval_tokens), "--eval-seq-len", str(args.eval_seq_len)] + \
+        (["--checkpointing"] if args.checkpointing else [])
     with tempfile.TemporaryDirectory() as tmp:
         train_txt, held = split_text(Path(tmp))
         base = Path(tmp) / "smollm2-qlora-nf4"
         res = {"model": MODEL, "budget": {"steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
-                                          "eval_tokens": args.eval_tokens, "eval_seq_len": args.eval_seq_len},
+                                          "eval_tokens": args.eval_tokens, "eval_seq_len": args.eval_seq_len,
+                                          "lr": LR, "checkpointing": args.checkpointing},
                "prepare": run_child(["--role", "prepare", "--base", str(base), *common]), "rows": []}
         for v in args.variants.split(","):
             res["rows"].append(run_child(["--role", "row", "--variant", v, "--base", str(base), "--train-txt",
