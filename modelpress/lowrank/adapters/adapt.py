@@ -31,6 +31,17 @@ from ...distill.trainer import TrainConfig, TrainData, Trainer, TrainResult
 from .quant_layer import QUANTISED_BASES, refuse_requantize
 
 
+def require_peft() -> Any:
+    """The ``peft`` module, or a one-line error saying how to install it (an optional dependency)."""
+    try:
+        import peft
+    except ModuleNotFoundError as e:
+        if e.name != "peft":
+            raise
+        raise ModelpressError("adapters need PEFT: pip install 'modelpress[peft]'") from e
+    return peft
+
+
 class AdapterMethod(str, Enum):
     """PEFT methods modelpress drives; LoRA and DoRA also run on quantised bases."""
 
@@ -71,7 +82,7 @@ class AdapterConfig(Config):
 
     def to_peft(self, targets: list[str], total_steps: int | None = None) -> Any:
         """PEFT's config for this adapter on the modules ``targets``."""
-        import peft
+        peft = require_peft()
 
         m, common = self.method, {"target_modules": list(targets), "task_type": "CAUSAL_LM"}
         if m in (AdapterMethod.LORA, AdapterMethod.DORA):
@@ -134,8 +145,7 @@ def _refuse_quantised(chosen: dict[str, nn.Module], method: AdapterMethod) -> No
 def attach(model: nn.Module, cfg: AdapterConfig, total_steps: int | None = None) -> Any:
     """``peft.get_peft_model(model, cfg as PEFT config)`` after the checks of :func:`resolve_targets`;
     the base is frozen by PEFT, only the adapter trains."""
-    import peft
-
+    peft = require_peft()
     from .dispatch import register_with_peft
 
     register_with_peft()  # also when peft was imported before modelpress by a path the hook missed
