@@ -12,7 +12,8 @@ The study lives in an Optuna storage (a SQLite file, or any database URL that SQ
     are queued again (at most twice), so the work lost is that one trial. A trial whose recipe
     cannot run (a :class:`ModelpressError`) is marked FAIL with the reason and not retried;
   * **no duplicated work**: a trial whose parameters equal a completed trial's takes its measured
-    values (``reused_from``) instead of compressing again.
+    values (``reused_from``) instead of compressing again; if the earlier trial is still running in
+    another worker, the later one waits for it. A reused trial does not count towards ``trials``.
 
 With several workers the stop test (``complete + running < trials``) and the next ask are not one
 transaction, so a study can end a trial or two past ``trials``; one worker ends exactly there.
@@ -153,8 +154,7 @@ def _objective(cfg: SearchConfig, evaluator: Callable[[], TrialEvaluator],
     def objective(trial: Any) -> tuple[float, ...]:
         ran.append(trial.number)
         params = cfg.space.suggest(trial)
-        done = next((t for t in trial.study.get_trials(deepcopy=False, states=(_complete(),))
-                     if t.params == trial.params), None)
+        done = _measured_twin(trial, min(cfg.heartbeat_s, 2))
         if done is not None:  # the same recipe was measured: take its numbers, do not compress again
             for k, v in done.user_attrs.items():
                 trial.set_user_attr(k, v)
@@ -174,10 +174,16 @@ def _objective(cfg: SearchConfig, evaluator: Callable[[], TrialEvaluator],
     return objective
 
 
-def _complete() -> Any:
-    from optuna.trial import TrialState
-
-    return TrialState.COMPLETE
+def _measured_twin(trial: Any, poll_s: float) -> Any:
+    """A complete trial with this trial's parameters, or None. An earlier trial with the same
+    parameters that another worker is still running is waited for (only by later trials, so two
+    workers never wait on each other), so parallel workers do not measure one recipe twice."""
+    while True:
+        same = [t for t in trial.study.get_trials(deepcopy=False) if t.number != trial.number and t.params == trial.params]
+        done = next((t for t in same if t.state.name == "COMPLETE"), None)
+        if done is not None or not any(t.state.name == "RUNNING" and t.number < trial.number for t in same):
+            return done
+        time.sleep(poll_s)
 
 
 def trial_folder(out: Path, number: int) -> Path:
