@@ -57,6 +57,8 @@ class FakeQuantLinear(nn.Module):
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad) if bias is not None else None
         # a pruned layer's mask (True = kept): pruned weights enter the grid as exactly 0, whatever training writes
         self.register_buffer("mask", mask.to(torch.bool) if mask is not None else None, persistent=False)
+        # an input quantiser (modelpress.quant.fake_act.ActFakeQuant) when activations are trained quantised too
+        self.register_module("act", None)
 
     def masked_weight(self) -> torch.Tensor:
         """The float weight with pruned entries at exactly 0 (zero gradient there)."""
@@ -79,12 +81,22 @@ class FakeQuantLinear(nn.Module):
         """The weight the forward pass uses (on the grid; gradient straight through to ``weight``)."""
         return self.fmt.fake_quantize_ste(self.masked_weight(), self.params)
 
+    def grid_codes(self) -> tuple[torch.Tensor, Params]:
+        """The codes (rows, n_groups, G) and compute parameters the forward pass uses now."""
+        p = self.params
+        return self.fmt.encode(self.fmt.grouped(self.masked_weight().detach()), p), p
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:  # input fake-quantised too: the quantiser owns that arithmetic
+            return self.act.linear(x, self)
         w = self.quantized_weight().to(x.dtype)
         return F.linear(x, w, self.bias.to(x.dtype) if self.bias is not None else None)
 
     def to_quant(self) -> QuantLinear:
-        """The packed layer holding exactly the grid point the forward pass used for every weight."""
+        """The packed layer holding exactly the grid point the forward pass used for every weight
+        (with an input quantiser: the W8A8 layer, see ``ActFakeQuant.pack``)."""
+        if self.act is not None:
+            return self.act.pack(self)
         qt: QTensor = self.fmt.quantize(self.masked_weight().detach(), stored=self.stored)
         return QuantLinear.from_linear_weight(qt, self.bias)
 
@@ -129,8 +141,10 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
-    """``x`` forward, its gradient multiplied by ``g`` backward (LSQ's step-size gradient scale)."""
-    return (x - x * g).detach() + x * g
+    """``x`` forward (exactly: no rounding of ``x - x*g + x*g``), its gradient multiplied by ``g``
+    backward (LSQ's step-size gradient scale)."""
+    xg = x * g
+    return x.detach() + (xg - xg.detach())
 
 
 def lsq_fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | float, qmax: int,
@@ -221,6 +235,13 @@ class LearnedGridLinear(FakeQuantLinear):
             z = z + (stored["zero"].to(torch.float32) - z).detach()
         return s, z
 
+    def grid_codes(self) -> tuple[torch.Tensor, Params]:
+        """The codes (rows, n_groups, G) and compute parameters the forward pass uses now."""
+        p = self._compute_params()
+        if self.codes is not None:
+            return self.codes, p
+        return self.fmt.encode(self.fmt.grouped(self.masked_weight().detach()), p), p
+
     def _compute_params(self) -> Params:
         s, z = self.grid()
         return {"scale": s.detach(), **({"zero": z.detach()} if torch.is_tensor(z) else {})}
@@ -248,6 +269,8 @@ class LearnedGridLinear(FakeQuantLinear):
 
     def to_quant(self) -> QuantLinear:
         """The packed layer on the current (stored-precision) grid, holding the codes the forward used."""
+        if self.act is not None:
+            return self.act.pack(self)
         stored = self.fmt.store_params(self._compute_params())
         if self.codes is None:
             return QuantLinear.from_linear_weight(self.fmt.quantize(self.masked_weight().detach(), stored=stored), self.bias)
