@@ -269,6 +269,8 @@ def calibrate_static(layers: list["FakeQuantLinear"], run: Callable[[], None]) -
     """Initialise every static input quantiser of ``layers`` from its observer over ``run()`` (which
     feeds calibration data through them, inputs unquantised); how many were initialised."""
     acts = [f.act for f in layers if f.act is not None and f.act.spec.mode == "static"]
+    if not acts:
+        return 0
     for a in acts:
         a.start_calibration()
     try:

@@ -6,7 +6,9 @@ for a :class:`~modelpress.quant.fake.LearnedGridLinear` with frozen codes (``(co
 gradient ``code - zero`` on the scale), freezes every other parameter, and trains the scales with
 the distillation trainer against the float reference's logits (KD, forward KL at temperature
 ``temperature``). The layers are then packed back, exactly. Other formats' layers (NF4, FP8 ...) stay
-as they are (their grid parameters are not step sizes).
+as they are (their grid parameters are not step sizes). W8A8 layers (after ``block-ap`` with
+``activations``) train the same way, their static activation step sizes too, and are packed back to
+W8A8 layers, exactly.
 
 Example recipe::
 
@@ -31,8 +33,10 @@ from ....core.layers import set_submodule
 from ....core.method import METHODS, LayerRecord, MethodConfig, MethodEntry, StageContext, StageKind
 from ....models.loading import LoadedModel
 from ....models.selection import select_layers
+from ...activation import ActQuantLinear, record_int8
 from ...apply import record_quantized
 from ...fake import FakeQuantLinear, LearnedGridLinear, learnable_grid, pack_after_training
+from ...fake_act import fake_from_runtime
 from ...qlinear import QuantLinear
 
 
@@ -80,6 +84,8 @@ def run_e2e_qp(lm: LoadedModel, cfg: E2EQPConfig, ctx: StageContext) -> None:
     lm.module.requires_grad_(False)
     for f in trained.values():
         f.scale.requires_grad_(True)
+        if f.act is not None and f.act.scale is not None:  # a static activation step size
+            f.act.scale.requires_grad_(True)
     teacher = ctx.reference.model()
     kd = mixed_loss([KDLoss(temperature=cfg.temperature, alpha=1.0)])
 
@@ -115,7 +121,8 @@ def _data(ctx: StageContext) -> TrainData:
 def _swap_in(lm: LoadedModel, cfg: E2EQPConfig) -> tuple[dict[str, LearnedGridLinear], dict[str, QuantLinear]]:
     """Every selected QuantLinear on an integer grid becomes a frozen-code layer with a trainable scale;
     every other QuantLinear a frozen fake-quantised layer (so the trainer's own swap finds none to
-    train), its packed original kept to put back unchanged. Returns (trained, kept)."""
+    train), its packed original kept to put back unchanged; every selected W8A8 layer a frozen-code
+    layer with its input quantiser, whose static step size trains too. Returns (trained, kept)."""
     selected = {n for n, _ in select_layers(lm, cfg)}
     trained: dict[str, LearnedGridLinear] = {}
     kept: dict[str, QuantLinear] = {}
@@ -127,6 +134,11 @@ def _swap_in(lm: LoadedModel, cfg: E2EQPConfig) -> tuple[dict[str, LearnedGridLi
         else:
             f, kept[name] = FakeQuantLinear.from_quant(m), m
             f.weight.requires_grad_(False)
+        set_submodule(lm.module, name, f)
+    for name in [n for n, m in lm.module.named_modules() if isinstance(m, ActQuantLinear) and n in selected]:
+        f = fake_from_runtime(lm.module.get_submodule(name))
+        f.freeze_codes()
+        trained[name] = f
         set_submodule(lm.module, name, f)
     return trained, kept
 
@@ -141,11 +153,14 @@ def _record(lm: LoadedModel, swapped: dict[str, LearnedGridLinear], ctx: StageCo
     for name in swapped:
         q = lm.module.get_submodule(name)
         ref = ctx.reference.tensors(f"{name}.").get("weight")
-        if ref is None or not isinstance(q, QuantLinear):
+        if ref is None or not isinstance(q, (QuantLinear, ActQuantLinear)):
             ctx.layers.append(LayerRecord(name, "e2e-qp", q.fmt.to_dict() if isinstance(q, QuantLinear) else None))
             continue
         w = ref.float() if tuple(ref.shape) == (q.out_features, q.in_features) else ref.float().t()  # HF Conv1D: (in, out)
-        record_quantized(ctx, "e2e-qp", name, w, q.qtensor())
+        if isinstance(q, ActQuantLinear):
+            record_int8(ctx, "e2e-qp", name, w, q)
+        else:
+            record_quantized(ctx, "e2e-qp", name, w, q.qtensor())
 
 
 METHODS.register("e2e-qp")(MethodEntry(

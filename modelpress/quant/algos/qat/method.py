@@ -10,6 +10,13 @@ train the weights through their fixed grid (straight-through). The block is then
 moves on, so memory stays that of one block; the engine's per-block checkpoints make it resumable.
 The training itself is in :mod:`.block_ap`.
 
+With ``activations`` set, every trained linear also fake-quantises its input
+(:mod:`modelpress.quant.fake_act`): a static quantiser starts from its observer's range over the
+block's calibration inputs and its step size (and zero point) trains with the grids (LSQ / LSQ+);
+the block is packed to W8A8 layers (:class:`~modelpress.quant.activation.ActQuantLinear`), exactly.
+Only combinations with a runtime layer are accepted (int 8-bit symmetric per-channel weights, 8-bit
+activations), so the recipe is refused at load rather than after training.
+
 Example recipe (from a GPTQ start)::
 
     stages:
@@ -31,8 +38,10 @@ from ....core.method import METHODS, MethodConfig, MethodEntry, StageContext, St
 from ....models.layers import linear_weight
 from ....models.loading import LoadedModel
 from ....models.selection import check_finite, select_layers
+from ...activation import ActQuantLinear, record_int8
 from ...apply import record_quantized
 from ...fake import FakeQuantLinear, LearnedGridLinear, fake_quant_problem, learnable_grid
+from ...fake_act import ActFakeQuant, ActFakeSpec, calibrate_static, w8a8_problem
 from ...fields import FormatField
 from ...formats import IntFormat
 from ...granularity import PerGroup
@@ -62,6 +71,8 @@ class BlockAPConfig(MethodConfig):
         step_sizes: ``learned`` trains step sizes and zero points (integer grids only), ``fixed``
             keeps the grid, ``auto`` learns them where the format allows.
         learn_zero: LSQ+: train the zero points too (asymmetric grids).
+        activations: fake-quantise each layer's input too (W8A8 QAT) and pack to W8A8 layers; the
+            weight ``format`` must then be int 8-bit symmetric per channel.
 
     Example:
         >>> BlockAPConfig(format={"type": "int", "bits": 3, "granularity": 64, "symmetric": False}).epochs
@@ -80,6 +91,7 @@ class BlockAPConfig(MethodConfig):
     weight_decay: float = Field(0.0, ge=0)
     step_sizes: GridMode = "auto"
     learn_zero: bool = True
+    activations: ActFakeSpec | None = None
     seed: int = Field(0, ge=0)
 
     @field_validator("format")
@@ -95,6 +107,8 @@ class BlockAPConfig(MethodConfig):
         if self.step_sizes == "learned" and not learnable_grid(self.format):
             raise ValueError(f"step_sizes 'learned' needs an integer format with per-channel or per-group scales; "
                              f"format {self.format.to_dict()} has no learnable step size (use step_sizes: fixed)")
+        if self.activations is not None and (why := w8a8_problem(self.format, self.activations)) is not None:
+            raise ValueError(f"activations: {why}")
         grid_trains = self.quant_lr > 0 and self.step_sizes != "fixed" and learnable_grid(self.format)
         if self.weight_lr == 0 and not grid_trains:
             raise ValueError("nothing to train: weight_lr is 0 and the grid is fixed (step_sizes: fixed, quant_lr 0, or a "
@@ -123,6 +137,7 @@ class BlockAPStage:
         if n_use < self.cfg.samples:
             ctx.warn(f"block-ap: samples {self.cfg.samples} asked, {n_use} calibration sequences given; trained on {n_use}")
         x, y = inputs.hidden[:n_use].clone(), targets[:n_use]
+        calibrate_static(list(fakes.values()), lambda: _run_block(block, x, inputs.kwargs, self.cfg.batch_size))
         frozen = _freeze_all_but(block, [p for g in self._groups(fakes) for p in g["params"]])
         try:
             fit = reconstruct(block, self._groups(fakes), x, y, inputs.kwargs, epochs=self.cfg.epochs,
@@ -136,6 +151,8 @@ class BlockAPStage:
         weights = [f.weight for f in fakes.values()] if self.cfg.weight_lr > 0 else []
         grids = [p for f in fakes.values() if isinstance(f, LearnedGridLinear) and self.cfg.quant_lr > 0
                  for p in (f.scale, f.zero) if p is not None and p.requires_grad]
+        grids += [p for f in fakes.values() if f.act is not None and self.cfg.quant_lr > 0
+                  for p in (f.act.scale, f.act.zero) if p is not None and p.requires_grad]
         return [{"params": weights, "lr": self.cfg.weight_lr}, {"params": grids, "lr": self.cfg.quant_lr}]
 
     def _trainable(self, lm: LoadedModel, name: str, ctx: StageContext) -> FakeQuantLinear | None:
@@ -163,6 +180,10 @@ class BlockAPStage:
             f.mask = mask.to(torch.bool)
         if f.bias is not None:
             f.bias.requires_grad_(False)
+        if self.cfg.activations is not None:
+            if (why := w8a8_problem(q.fmt, self.cfg.activations)) is not None:
+                raise ModelpressError(f"block-ap: {name} (quantised by an earlier stage): {why}")
+            f.act = ActFakeQuant(self.cfg.activations)
         return f
 
     def _pack(self, lm: LoadedModel, index: int, prefix: str, fakes: dict[str, FakeQuantLinear], ctx: StageContext,
@@ -172,12 +193,20 @@ class BlockAPStage:
             q = f.to_quant()
             set_submodule(lm.module, n, q)
             w = linear_weight(ref.get_submodule(n[len(prefix) + 1:])).float() if ref is not None else f.weight.detach()
-            rec = record_quantized(ctx, "block-ap", n, w, q.qtensor())
+            rec = record_int8(ctx, "block-ap", n, w, q) if isinstance(q, ActQuantLinear) else \
+                record_quantized(ctx, "block-ap", n, w, q.qtensor())
             rec.notes.append(f"block {index}: output MSE {fit.mse_before:.4g} -> {fit.mse_after:.4g} "
                              f"({fit.steps} steps, {fit.tokens} tokens)")
         ctx.metrics.append({"stage": "block-ap", "block": index, "mse_before": fit.mse_before,
                             "mse_after": fit.mse_after, "steps": fit.steps, "tokens": fit.tokens,
                             "cpu_s": fit.cpu_s, "epoch_losses": fit.losses})
+
+
+@torch.no_grad()
+def _run_block(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any], batch_size: int) -> None:
+    """Feed ``x`` (n, seq, hidden) through ``block`` in batches (for calibration hooks)."""
+    for s in range(0, x.shape[0], batch_size):
+        block(x[s:s + batch_size], **kwargs)
 
 
 def _freeze_all_but(block: nn.Module, params: list[nn.Parameter]) -> list[tuple[nn.Parameter, bool]]:
