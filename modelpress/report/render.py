@@ -179,7 +179,7 @@ def _md_cell(c: str) -> str:
 
 
 def _md_table(t: Table) -> list[str]:
-    lines = [f"### {t.title}", "", "| " + " | ".join(map(_md_cell, t.header)) + " |", "|---" * len(t.header) + "|"]
+    lines = ["| " + " | ".join(map(_md_cell, t.header)) + " |", "|---" * len(t.header) + "|"]
     lines += ["| " + " | ".join(_md_cell(f"**{c}**" if i in t.marked and j == 0 else c) for j, c in enumerate(r)) + " |"
               for i, r in enumerate(t.rows)]
     return lines + ([""] + [t.note] if t.note else []) + [""]
@@ -191,7 +191,7 @@ def to_markdown(opts: ReportOptions, secs: list[Section], figure_dir: Path, md_p
     for s in secs:
         lines += [f"## {s.title}", ""] + ([s.intro, ""] if s.intro else [])
         for t in s.tables:
-            lines += _md_table(t)
+            lines += ([] if t.title == s.title else [f"### {t.title}", ""]) + _md_table(t)
         for name, data in s.figures:
             figure_dir.mkdir(parents=True, exist_ok=True)
             (figure_dir / f"{name}.png").write_bytes(data)

@@ -50,6 +50,15 @@ def task_names(variants: Sequence[Variant]) -> list[str]:
     return list(dict.fromkeys(t for v in variants for t in v.tasks))
 
 
+def flip_rate(task: dict[str, Any]) -> float | None:
+    """Share of items whose answer changed against the baseline, for the metric the task is shown by
+    (acc_norm's own flips when that is the metric)."""
+    if not task:
+        return None
+    flips = task.get("flips_norm") if quality_metric(task) == "acc_norm" else task.get("flips")
+    return (flips or {}).get("flip_rate", task.get("flip_rate"))
+
+
 def cost(v: Variant, price_per_hour: float | None) -> float | None:
     """Price per million generated tokens at batch 1 (machine price / decode throughput)."""
     tps = v.perf("decode_tokens_per_s")
@@ -61,7 +70,8 @@ def summary(inputs: Inputs, base: Variant | None) -> Table:
     tasks = task_names(inputs.variants)
     header = ["model", "size MiB", "x smaller", "bits/weight", "perplexity", "ΔPPL %"]
     for t in tasks:
-        header += [f"{t} {quality_metric(_any_task(inputs, t))}", f"{t} flip rate"]
+        m = quality_metric(_any_task(inputs, t))
+        header += [f"{t} {m}", f"{t} flip rate ({m})"]
     header += ["KL nats", "decode tok/s"]
     rows = []
     for v in inputs.variants:
@@ -72,7 +82,7 @@ def summary(inputs: Inputs, base: Variant | None) -> Table:
                "-" if dppl is None else f"{dppl:+.1f}"]
         for t in tasks:
             entry = v.tasks.get(t) or {}
-            row += [fmt(entry.get(quality_metric(entry)) if entry else None, 4), fmt(entry.get("flip_rate"), 4)]
+            row += [fmt(entry.get(quality_metric(entry)) if entry else None, 4), fmt(flip_rate(entry), 4)]
         kl = ((v.eval or {}).get("agreement") or {}).get("kl")
         row += [fmt(kl, 4), fmt(v.perf("decode_tokens_per_s"), 1)]
         rows.append(tuple(row))
