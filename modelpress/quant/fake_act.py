@@ -22,7 +22,7 @@ round each partial product and differ from the integer runtime in the last bits.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn as nn
@@ -32,15 +32,12 @@ from pydantic import Field, model_validator
 from ..core.config import Config
 from ..core.errors import ModelpressError
 from .activation import ActQuantLinear, ActQuantSpec, act_qparams, int_grid
-from .fake import _MIN_STEP, LearnedGridLinear, grad_scale, round_ste
+from .fake import _MIN_STEP, FakeQuantLinear, LearnedGridLinear, grad_scale, round_ste
 from .formats.base import QTensor, WeightFormat
 from .formats.integer import IntFormat
 from .granularity import PerChannel
 from .observers import OBSERVERS
 from .qlinear import QuantLinear
-
-if TYPE_CHECKING:
-    from .fake import FakeQuantLinear
 
 
 class ActFakeSpec(Config):
@@ -192,7 +189,7 @@ class ActFakeQuant(nn.Module):
         return self.quantize(x.reshape(-1, x.shape[-1]).float())[1].reshape(x.shape)
 
     # ---- inside a FakeQuantLinear ----------------------------------------------------------------
-    def linear(self, x: torch.Tensor, layer: "FakeQuantLinear") -> torch.Tensor:
+    def linear(self, x: torch.Tensor, layer: FakeQuantLinear) -> torch.Tensor:
         """``layer``'s forward with its input fake-quantised; the runtime's exact value where one packs it."""
         in_f = layer.weight.shape[1]
         X = x.reshape(-1, in_f).float()  # (n, in)
@@ -211,7 +208,7 @@ class ActFakeQuant(nn.Module):
             y = exact + (y - y.detach())
         return y.to(x.dtype).reshape(*x.shape[:-1], -1)
 
-    def pack(self, layer: "FakeQuantLinear") -> ActQuantLinear:
+    def pack(self, layer: FakeQuantLinear) -> ActQuantLinear:
         """The W8A8 layer computing exactly what ``layer`` (with this quantiser) computes; refused,
         naming the combination, when no runtime layer exists for it."""
         why = w8a8_problem(layer.fmt, self.spec)
@@ -237,7 +234,7 @@ class ActFakeQuant(nn.Module):
         self.set_qparams(scale, zero)
 
 
-def runtime_weight(layer: "FakeQuantLinear") -> tuple[torch.Tensor, torch.Tensor]:
+def runtime_weight(layer: FakeQuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
     """``layer``'s int8 per-channel symmetric grid as the runtime stores it: signed codes (out, in) int8
     and float32 scales (out,), the codes the forward pass uses now."""
     codes, p = layer.grid_codes()  # (out, 1, in) uint8, scale (out, 1, 1)
@@ -265,7 +262,7 @@ def fake_from_runtime(layer: ActQuantLinear, learn_zero: bool = False) -> Learne
 
 
 @torch.no_grad()
-def calibrate_static(layers: list["FakeQuantLinear"], run: Callable[[], None]) -> int:
+def calibrate_static(layers: list[FakeQuantLinear], run: Callable[[], None]) -> int:
     """Initialise every static input quantiser of ``layers`` from its observer over ``run()`` (which
     feeds calibration data through them, inputs unquantised); how many were initialised."""
     acts = [f.act for f in layers if f.act is not None and f.act.spec.mode == "static"]

@@ -282,6 +282,31 @@ def test_block_ap_w8a8_dynamic_beats_smoothquant_and_int8_dynamic():
         assert a < 0.9 * min(s, d), f"block {i}: block-ap {a:.5f}, smoothquant {s:.5f}, int8-dynamic {d:.5f}"
 
 
+def test_block_ap_w8a8_resumes_after_a_kill_to_the_same_layers(tmp_path):
+    m = _tiny()
+    stage = {**_block_ap({"mode": "static", "symmetric": False}), "epochs": 2, "samples": 4}
+    ref = mp.load(copy.deepcopy(m))
+    mp.compress(ref, {"stages": [stage]}, calib=CALIB, progress=False)
+    lm = mp.load(copy.deepcopy(m))
+    fired = []
+
+    def kill(*_):
+        if not fired:
+            fired.append(1)
+            raise KeyboardInterrupt
+
+    h = lm.module.model.layers[1].register_forward_pre_hook(kill)
+    with pytest.raises(KeyboardInterrupt):
+        mp.compress(lm, {"stages": [stage]}, calib=CALIB, progress=False, workdir=tmp_path)
+    h.remove()
+    again = mp.load(copy.deepcopy(m))
+    rep = mp.compress(again, {"stages": [stage]}, calib=CALIB, progress=False, workdir=tmp_path)
+    assert any("resumed" in w for w in rep["warnings"])
+    assert isinstance(again.module.model.layers[0].mlp.up_proj, ActQuantLinear)
+    a, b = ref.module.state_dict(), again.module.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_e2e_qp_after_w8a8_block_ap_trains_activation_step_sizes_and_keeps_codes():
     m = _tiny()
     start = mp.load(copy.deepcopy(m))

@@ -110,6 +110,7 @@ class BlockAPConfig(MethodConfig):
         if self.activations is not None and (why := w8a8_problem(self.format, self.activations)) is not None:
             raise ValueError(f"activations: {why}")
         grid_trains = self.quant_lr > 0 and self.step_sizes != "fixed" and learnable_grid(self.format)
+        grid_trains |= self.quant_lr > 0 and self.activations is not None and self.activations.mode == "static"
         if self.weight_lr == 0 and not grid_trains:
             raise ValueError("nothing to train: weight_lr is 0 and the grid is fixed (step_sizes: fixed, quant_lr 0, or a "
                              f"format without learnable step sizes: {self.format.type})")
