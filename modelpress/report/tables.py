@@ -71,7 +71,7 @@ def summary(inputs: Inputs, base: Variant | None) -> Table:
     header = ["model", "size MiB", "x smaller", "bits/weight", "perplexity", "ΔPPL %"]
     for t in tasks:
         m = quality_metric(_any_task(inputs, t))
-        header += [f"{t} {m}", f"{t} flip rate ({m})"]
+        header += [f"{t} {m}", f"{t} flips"]
     header += ["KL nats", "decode tok/s"]
     rows = []
     for v in inputs.variants:
@@ -86,8 +86,9 @@ def summary(inputs: Inputs, base: Variant | None) -> Table:
         kl = ((v.eval or {}).get("agreement") or {}).get("kl")
         row += [fmt(kl, 4), fmt(v.perf("decode_tokens_per_s"), 1)]
         rows.append(tuple(row))
-    note = (f"x smaller and ΔPPL against {base.label}. " if base is not None else "") + \
-        "Size: bytes of the weight files on disk; KL: next-token KL(baseline || model); decode tok/s at batch 1."
+    note = (f"x smaller and ΔPPL against {base.label}. " if base is not None else "") + (
+        "Size: bytes of the weight files on disk; flips: share of items whose answer (by the metric shown) changed "
+        "against the eval's baseline; KL: next-token KL(baseline || model); decode tok/s at batch 1.")
     return Table("Summary", tuple(header), tuple(rows), note)
 
 
