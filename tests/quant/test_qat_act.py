@@ -130,16 +130,16 @@ def test_lsq_recovers_a_wrong_activation_step_size():
         f.act.s0.mul_(4.0)
     f.requires_grad_(False)
     f.act.scale.requires_grad_(True)
-    err0 = float((f(x) - y).pow(2).mean())
+    err0 = float((f(x) - y).pow(2).mean().detach())
     opt = torch.optim.Adam([f.act.scale], lr=0.05)
     for _ in range(60):
         loss = (f(x) - y).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    err1 = float((f(x) - y).pow(2).mean())
+    err1 = float((f(x) - y).pow(2).mean().detach())
     assert err1 < 0.3 * err0, (err0, err1)
-    assert float(f.act.scale) < 0.6  # moved back toward the calibrated step
+    assert float(f.act.scale.detach()) < 0.6  # moved back toward the calibrated step
 
 
 # ---- exact conversion ------------------------------------------------------------------------------
