@@ -225,6 +225,7 @@ class ActFakeQuant(nn.Module):
 
     # ---- calibration of a static quantiser -------------------------------------------------------
     def start_calibration(self) -> None:
+        """Observe inputs (passed through unquantised) until :meth:`finish_calibration`."""
         self.observer = OBSERVERS.get(self.spec.observer)()
 
     def finish_calibration(self) -> None:
