@@ -31,17 +31,22 @@ from .models.selection import check_model_finite
 def load(model: str | Path | nn.Module | LoadedModel, *, low_memory: bool = False, **kw: Any) -> LoadedModel:
     """Load a model (hub id, folder, .gguf, llama2.c .bin, modelpress output, or nn.Module).
 
-    ``low_memory`` (a local safetensors folder): decoder blocks are read from disk only when the
-    sequential engine reaches them, so models larger than RAM can be compressed.
+    ``low_memory`` (a local safetensors folder, or a plain-architecture .gguf): decoder blocks are
+    read from disk only when the sequential engine reaches them, so models larger than RAM can be
+    compressed.
     """
     if isinstance(model, LoadedModel):
         return model
     if low_memory:
-        from .models.lazy import load_lazy
+        from .models.lazy import load_lazy, load_lazy_gguf
+        from .models.loading import resolve_bundled
 
-        if not Path(str(model)).is_dir():
-            raise ModelpressError("--low-memory needs a local folder of safetensors weights")
-        return load_lazy(model, trust_remote_code=kw.get("trust_remote_code", False))
+        path = resolve_bundled(str(model)) if str(model).startswith("bundled:") else Path(str(model)).expanduser()
+        if path.is_file() and path.suffix == ".gguf":
+            return load_lazy_gguf(path)
+        if not path.is_dir():
+            raise ModelpressError("--low-memory needs a local folder of safetensors weights or a .gguf file")
+        return load_lazy(path, trust_remote_code=kw.get("trust_remote_code", False))
     return load_model(model, **kw)
 
 

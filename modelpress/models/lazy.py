@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -23,10 +23,13 @@ from .loading import LoadedModel, hf_auto_class, model_files, try_tokenizer
 class LazyBlocks:
     """Reads block ``i``'s tensors from safetensors shards on demand."""
 
-    def __init__(self, model: nn.Module, prefix: str, key_to_file: dict[str, Path]) -> None:
+    def __init__(self, model: nn.Module, prefix: str, key_to_file: dict[str, Path] | None,
+                 read_block: Callable[[int], dict[str, torch.Tensor]] | None = None) -> None:
         self.model = model
         self.prefix = prefix
+        #: safetensors sources (None for a GGUF: its tensors are quantised, so no float reference reads them)
         self.key_to_file = key_to_file
+        self._read_block = read_block or (lambda i: read_keys(self.key_to_file, f"{self.prefix}.{i}."))
         self.loaded: set[int] = set()
         #: compressed blocks moved out of RAM: index -> (safetensors file, per-layer formats)
         self.offloaded: dict[int, tuple[Path, dict[str, Any]]] = {}
@@ -41,7 +44,7 @@ class LazyBlocks:
                                   "save the model and reload it to use it")
         if i in self.loaded:
             return block
-        sd = read_keys(self.key_to_file, f"{self.prefix}.{i}.")
+        sd = self._read_block(i)
         block.to_empty(device="cpu")
         missing, unexpected = block.load_state_dict(sd, strict=False)
         if missing or unexpected:
@@ -163,6 +166,54 @@ def load_lazy(folder: str | Path, *, trust_remote_code: bool = False) -> LoadedM
     model.eval()
     lm = LoadedModel(model, spec, try_tokenizer(str(folder)), str(folder), "hf", files=model_files(folder))
     lm.lazy = LazyBlocks(model, prefix, keys)  # type: ignore[attr-defined]
+    return lm
+
+
+def load_lazy_gguf(path: str | Path) -> LoadedModel:
+    """A plain-architecture GGUF (llama, qwen2, qwen3) whose blocks are dequantised on demand.
+
+    The non-block tensors (embeddings, final norm, head) are dequantised at load; block ``i``'s
+    when the engine reaches it, straight from the memory-mapped file.
+    """
+    import numpy as np
+
+    from .loaded import HFTokenizer
+    from .loading import gguf_tensors, plain_gguf
+
+    path = Path(path)
+    plain = plain_gguf(path)
+    if plain is None:
+        raise ModelpressError(f"{path}: --low-memory reads GGUF files of a plain architecture (llama, qwen2, "
+                              "qwen3) only; convert it to safetensors first")
+    from transformers.integrations.gguf import GgufHeader
+
+    cfg, config, tok_class = plain
+    n_layers = config.num_hidden_layers
+    small = config.__class__.from_dict({**config.to_dict(), "num_hidden_layers": 1})
+    with _no_init_weights():
+        model = hf_auto_class(config).from_config(small)
+    spec = detect_spec(model)
+    prefix = blocks_path(model, spec) if spec else None
+    if prefix is None:
+        raise ModelpressError(f"{path}: low-memory loading needs a known architecture")
+    _meta_blocks(model, prefix, n_layers)
+    model.config.num_hidden_layers = n_layers
+    model.tie_weights()
+    header = GgufHeader.from_file(str(path))
+    from .loading import _fill_from_gguf
+
+    _fill_from_gguf(model, header, cfg, wanted=lambda n: not n.startswith(prefix + "."))
+    model.eval()
+
+    def read_block(i: int) -> dict[str, torch.Tensor]:
+        head = f"{prefix}.{i}."
+        # (a float32 tensor's values may be a read-only view of the mapped file: copied then)
+        return {n[len(head):]: torch.from_numpy(np.require(w, np.float32, ["C", "W"]))
+                for n, w in gguf_tensors(model, header, cfg, lambda n: n.startswith(head))}
+
+    tok = HFTokenizer(tok_class.from_pretrained(str(path.parent), gguf_file=path.name))
+    lm = LoadedModel(model, spec, tok, str(path), "gguf", files=[path])
+    lm.lazy = LazyBlocks(model, prefix, None, read_block)  # type: ignore[attr-defined]
     return lm
 
 

