@@ -44,6 +44,7 @@ FIELD_VALUES: dict[str, Any] = {
     "rank": 8,
     "similarity_tokens": 64,
     "train": {"steps": 2, "batch_size": 2},  # training stages (distill): two optimiser steps
+    "same_bytes_as_bits": 3,   # mixed-precision: the budget (no default: the user names it)
 }
 
 #: Field values that are required by some formats (``int`` has no default bit width).
