@@ -106,12 +106,8 @@ def read_keys(key_to_file: dict[str, Path], prefix: str, exclude: str | None = N
     """
     from safetensors import safe_open
 
-    by_file: dict[Path, list[str]] = {}
-    for k, f in key_to_file.items():
-        if k.startswith(prefix) and not (exclude and k.startswith(exclude)):
-            by_file.setdefault(f, []).append(k)
     out = {}
-    for f, keys in by_file.items():
+    for f, keys in _by_file(key_to_file, prefix, exclude).items():
         with safe_open(str(f), "pt") as h:
             for k in keys:
                 out[k[len(prefix):]] = h.get_tensor(k)
@@ -126,14 +122,19 @@ def map_keys(key_to_file: dict[str, Path], prefix: str, exclude: str | None = No
     """
     from .mapped import map_tensors
 
+    out = {}
+    for f, names in _by_file(key_to_file, prefix, exclude).items():
+        out.update({k[len(prefix):]: t for k, t in map_tensors(f, names).items()})
+    return out
+
+
+def _by_file(key_to_file: dict[str, Path], prefix: str, exclude: str | None) -> dict[Path, list[str]]:
+    """The names starting with ``prefix`` and not ``exclude``, grouped by the file holding them."""
     by_file: dict[Path, list[str]] = {}
     for k, f in key_to_file.items():
         if k.startswith(prefix) and not (exclude and k.startswith(exclude)):
             by_file.setdefault(f, []).append(k)
-    out = {}
-    for f, names in by_file.items():
-        out.update({k[len(prefix):]: t for k, t in map_tensors(f, names).items()})
-    return out
+    return by_file
 
 
 def load_lazy(folder: str | Path, *, trust_remote_code: bool = False) -> LoadedModel:
