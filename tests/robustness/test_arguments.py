@@ -122,8 +122,43 @@ def bench_stubbed(monkeypatch):
     return reached
 
 
-def _base(cmd: str, model_dir: Path, text_file: Path, compressed_dir: Path, out: Path) -> list[str]:
+#: Commands whose work grows with a valid number without bound (``adapt --steps=10**12`` trains for
+#: ever): their HUGE rows are not run. Reported as xfail, so the gap stays visible.
+UNBOUNDED_WORK = {"adapt", "search", "sensitivity"}
+
+
+@pytest.fixture(scope="module")
+def extra_inputs(model_dir: Path, text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Inputs the newer commands need: a sensitivity table (allocate), a search space (search)."""
+    from .support import run_main
+
+    d = tmp_path_factory.mktemp("robust_extra")
+    sens = d / "sens.json"
+    assert run_main("sensitivity", "--model", model_dir, "--bits", "4", "8", "--group", "32", "--calib", text_file,
+                    "--calib-samples", "2", "--calib-seq-len", "32", "--measure-tokens", "16", "--json", sens) == 0
+    space = d / "space.yaml"
+    space.write_text("params:\n  bits: {choices: [4, 8]}\nstages:\n"
+                     "  - {method: rtn, ignore: [lm_head], format: {type: int, bits: $bits, granularity: 32}}\n")
+    return {"sens": sens, "space": space}
+
+
+def _base(cmd: str, model_dir: Path, text_file: Path, compressed_dir: Path, out: Path,
+          extra: dict[str, Path] | None = None) -> list[str]:
+    extra = extra or {}
     bases = {
+        "adapt": ["adapt", "--model", model_dir, "--method", "lora", "--data", text_file, "--steps", "1",
+                  "--batch-size", "1", "--seq-len", "16", "--output", out],
+        "sensitivity": ["sensitivity", "--model", model_dir, "--bits", "4", "--group", "32", "--calib", text_file,
+                        "--calib-samples", "2", "--calib-seq-len", "32", "--measure-tokens", "16",
+                        "--json", out.parent / "sens.json"],
+        "allocate": ["allocate", "--sensitivity", extra.get("sens", out), "--budget-bpw", "6", "--out",
+                     out.parent / "mixed.yaml"],
+        "search": ["search", "--model", model_dir, "--space", extra.get("space", out), "--trials", "1",
+                   "--storage", f"sqlite:///{out.parent / 'study.db'}", "--study", "s", "--out", out,
+                   "--calib", text_file, "--calib-samples", "2", "--calib-seq-len", "32", "--eval-data", text_file,
+                   "--eval-max-tokens", "64", "--eval-seq-len", "32", "--latency-prompt", "4", "--latency-tokens", "2"],
+        "report": ["report", "--inputs", f"w4={compressed_dir}", "--html", out.parent / "r.html",
+                   "--markdown", out.parent / "r.md"],
         "compress": ["compress", "--model", model_dir, "--recipe", gptq_recipe_name(), *calib_args(text_file),
                      "--eval-data", text_file, "--eval-max-tokens", "256", "--eval-seq-len", "64", "--output", out],
         "eval": ["eval", "--model", model_dir, "--data", text_file, "--max-tokens", "256", "--seq-len", "64"],
@@ -139,10 +174,21 @@ def _base(cmd: str, model_dir: Path, text_file: Path, compressed_dir: Path, out:
     return [str(a) for a in bases[cmd]]
 
 
+@pytest.mark.parametrize("cmd", ["adapt", "sensitivity", "allocate", "search", "report"])
+def test_base_command_succeeds(cmd, cli, model_dir, text_file, compressed_dir, tmp_path, extra_inputs):
+    """The rows below change one option of these commands: unchanged, each must succeed (else every
+    'either' row would pass on an unrelated user error)."""
+    res = cli(*_base(cmd, model_dir, text_file, compressed_dir, tmp_path / "out", extra_inputs))
+    assert res.rc == 0, res.describe()
+
+
 @pytest.mark.parametrize("cmd, opt, value, refuse", rows())
 def test_numeric_option(cmd, opt, value, refuse, cli, model_dir, text_file, compressed_dir, tmp_path, request):
     out = tmp_path / "out"
-    argv = _with_option(_base(cmd, model_dir, text_file, compressed_dir, out), opt, value)
+    if value == HUGE and not refuse and cmd in UNBOUNDED_WORK:
+        pytest.xfail(f"{cmd} {opt}={HUGE} is valid and would run for hours: not exercised (no cap yet)")
+    extra = request.getfixturevalue("extra_inputs") if cmd in ("allocate", "search") else None
+    argv = _with_option(_base(cmd, model_dir, text_file, compressed_dir, out, extra), opt, value)
     reached = request.getfixturevalue("bench_stubbed") if cmd == "bench" else []
     try:
         res = cli(*argv)
