@@ -2,8 +2,9 @@
 
 For each block the engine hands over the compressed stream's inputs and the float block's outputs
 for the same tokens. Every selected linear of the block becomes a fake-quantised layer: a float
-layer starts on its round-to-nearest grid in the stage's ``format``, a layer an earlier stage
-quantised (RTN, GPTQ, AWQ, HQQ) starts on its own grid and format, a pruned layer keeps its mask.
+layer trains its own float weight through the round-to-nearest grid of the stage's ``format``
+(EfficientQAT), a layer an earlier stage quantised (RTN, GPTQ, AWQ, HQQ) starts on its own grid and
+format (its float weight is gone), a pruned layer keeps its mask.
 Integer grids train their step sizes and zero points (LSQ / LSQ+) with the weights; other formats
 train the weights through their fixed grid (straight-through). The block is then packed back
 (exactly: the packed block computes what the trained fake-quantised block computed) and the engine
@@ -163,7 +164,7 @@ class BlockAPStage:
         pruned = getattr(m, "layer_tag", None) == "sparse"
         if isinstance(m, QuantLinear):
             q = m
-        elif pruned or not getattr(m, "is_compressed_linear", False):  # float: start on the RTN grid
+        elif pruned or not getattr(m, "is_compressed_linear", False):  # float: the RTN grid, the float weight
             if pruned and not self.cfg.format.exact_zero:
                 raise ModelpressError(f"block-ap: {name} is pruned and format {self.cfg.format.type} has no exact "
                                       "zero, so its pruned weights would not stay 0; use an int format")
@@ -177,6 +178,11 @@ class BlockAPStage:
             return None
         learn = self.cfg.step_sizes != "fixed" and learnable_grid(q.fmt)
         f = LearnedGridLinear.from_quant(q, mask, self.cfg.learn_zero) if learn else FakeQuantLinear.from_quant(q)
+        if not isinstance(m, QuantLinear):
+            # a float layer trains its float weight through the RTN grid (EfficientQAT), not the grid
+            # values: started on grid points, a weight must move half a step before any rounding changes
+            with torch.no_grad():
+                f.weight.copy_(w)
         if mask is not None and not learn:
             f.mask = mask.to(torch.bool)
         if f.bias is not None:
