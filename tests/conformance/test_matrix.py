@@ -74,7 +74,13 @@ from .rows import Variant, _base_stage
 REL_SLACK, ABS_SLACK = 0.05, 1e-4
 #: Cells that fail the error invariant for a reason found but not yet fixed: each is an open finding,
 #: reported as xfail (not hidden) so the rest of the matrix keeps guarding. Remove an entry once fixed.
+_BLOCK_AP_8BIT = ("Block-AP at 8 bits, now that float layers train their float weight: Adam's first steps move each weight by about weight_lr (2e-5, one epoch here) whatever the grid, which flips roundings on an 8-bit grid whose RTN error is already ~5e-4 (block error ~1e-3 vs RTN ~5e-4); weight_lr should scale with the step size. Found 2026-12-07 with the float-start fix (3-bit SmolLM2 Block-AP went 2,097.6 -> 76.15 PPL)")
 OPEN_FINDINGS = {
+    "llama-block-ap-int_fz8-g16": _BLOCK_AP_8BIT,
+    "gpt2-block-ap-int8-ch": _BLOCK_AP_8BIT,
+    "gpt2-block-ap-int8-g16": _BLOCK_AP_8BIT,
+    "gpt2-block-ap-int_fz8-ch": _BLOCK_AP_8BIT,
+    "gpt2-block-ap-int_fz8-g16": _BLOCK_AP_8BIT,
 }
 #: Relative tolerance of the reported-vs-saved ``rel_error`` check: both are float32 norms of the
 #: same difference; anything above 1e-4 means the saved tensor is not the one the method measured.
@@ -369,7 +375,10 @@ def test_error_no_worse_than_data_free(cell: Cell) -> None:
     float_m, comp_m = H.float_model(cell.arch), res.lm.module
     names = H.changed_layers(res)
     rescaled = H.rescaled_layers(float_m, comp_m, names)
-    scales = None if rescaled else H.norm_fold_scales(float_m, comp_m, names, H.calib_ids())
+    # a reconstruction stage (Block-AP) trades each layer's error for its block's output error, which
+    # is what it minimises: judged per block
+    reconstructs = METHODS.get(cell.variant.method).kind == StageKind.RECONSTRUCTION
+    scales = None if rescaled or reconstructs else H.norm_fold_scales(float_m, comp_m, names, H.calib_ids())
     if scales is not None:
         errors = _layer_errors(float_m, comp_m, base_lm.module, names, scales)
         unit = "layer output" + (" (input scales folded into norms, measured in each layer's own basis)" if scales else "")
