@@ -143,16 +143,7 @@ def load_lazy(folder: str | Path, *, trust_remote_code: bool = False) -> LoadedM
 
     folder = Path(folder)
     config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    n_layers = config.num_hidden_layers
-    small = config.__class__.from_dict({**config.to_dict(), "num_hidden_layers": 1})
-    with _no_init_weights():  # every tensor is read from the files: random init would only touch pages
-        model = hf_auto_class(config).from_config(small, trust_remote_code=trust_remote_code)
-    spec = detect_spec(model)
-    prefix = blocks_path(model, spec) if spec else None
-    if prefix is None:
-        raise ModelpressError(f"{folder}: low-memory loading needs a known architecture")
-    _meta_blocks(model, prefix, n_layers)
-    model.config.num_hidden_layers = n_layers
+    model, spec, prefix = _skeleton(config, folder, trust_remote_code=trust_remote_code)
     keys = shard_index(folder)
     rest = map_keys(keys, "", exclude=prefix + ".")
     missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
@@ -189,16 +180,7 @@ def load_lazy_gguf(path: str | Path) -> LoadedModel:
     from transformers.integrations.gguf import GgufHeader
 
     cfg, config, tok_class = plain
-    n_layers = config.num_hidden_layers
-    small = config.__class__.from_dict({**config.to_dict(), "num_hidden_layers": 1})
-    with _no_init_weights():
-        model = hf_auto_class(config).from_config(small)
-    spec = detect_spec(model)
-    prefix = blocks_path(model, spec) if spec else None
-    if prefix is None:
-        raise ModelpressError(f"{path}: low-memory loading needs a known architecture")
-    _meta_blocks(model, prefix, n_layers)
-    model.config.num_hidden_layers = n_layers
+    model, spec, prefix = _skeleton(config, path)
     model.tie_weights()
     header = GgufHeader.from_file(str(path))
     from .loading import _fill_from_gguf
@@ -216,6 +198,22 @@ def load_lazy_gguf(path: str | Path) -> LoadedModel:
     lm = LoadedModel(model, spec, tok, str(path), "gguf", files=[path])
     lm.lazy = LazyBlocks(model, prefix, None, read_block)  # type: ignore[attr-defined]
     return lm
+
+
+def _skeleton(config: Any, source: Path, **kw: Any) -> tuple[nn.Module, Any, str]:
+    """(model, spec, block prefix): the model built with one uninitialised block, then
+    ``num_hidden_layers`` empty (meta) blocks in its place; every tensor comes from the files later."""
+    n_layers = config.num_hidden_layers
+    small = config.__class__.from_dict({**config.to_dict(), "num_hidden_layers": 1})
+    with _no_init_weights():  # random init would only touch pages the files overwrite
+        model = hf_auto_class(config).from_config(small, **kw)
+    spec = detect_spec(model)
+    prefix = blocks_path(model, spec) if spec else None
+    if prefix is None:
+        raise ModelpressError(f"{source}: low-memory loading needs a known architecture")
+    _meta_blocks(model, prefix, n_layers)
+    model.config.num_hidden_layers = n_layers
+    return model, spec, prefix
 
 
 def _no_init_weights() -> Any:
