@@ -148,6 +148,23 @@ class BlockInputs:
                 h.remove()
         return SubInputs(calls) if record is not None and len(calls) == n_batches else None
 
+    def forward_batch(self, block: nn.Module, b: int, *, stop_before: nn.Module | None = None) -> None:
+        """Forward batch ``b`` alone through ``block`` (hooks observe; the output is dropped), ending
+        when ``stop_before`` is called. For passes that walk two streams in step, batch by batch."""
+        s = b * self.batch_size
+        handle = stop_before.register_forward_pre_hook(_raise_stop) if stop_before is not None else None
+        try:
+            block(self.hidden[s:s + self.batch_size], **self.kwargs)
+        except _Stop:
+            pass
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    @property
+    def n_batches(self) -> int:
+        return -(-self.hidden.shape[0] // self.batch_size)
+
     def outputs(self, block: nn.Module) -> torch.Tensor:
         """``block``'s outputs for every cached sample, (n_samples, seq, hidden); the cache is unchanged."""
         out = torch.empty_like(self.hidden)

@@ -103,6 +103,7 @@ class StageContext:
             calibration, or None.
         reference: the frozen float reference of the original model
             (:class:`~modelpress.pipeline.reference.FloatReference`), when the stage asked for it.
+        float_inputs: in a reconstruction pass, the float stream's inputs into the current block.
         device, dtype: where and in which precision the stage computes.
         grad: whether the stage runs with gradients (its entry declares it).
         rank, world_size: this process's place in a distributed run (0 and 1 otherwise).
@@ -130,6 +131,9 @@ class StageContext:
     world_size: int = 1
     #: the runner's block pass, for a stage that drives its own (``run_blocks([stage], checkpoints=False)``)
     run_blocks: Callable[..., None] | None = None
+    #: reconstruction stages: the float stream into the current block (a ``BlockInputs``, the float
+    #: reference's inputs for the same tokens as the compressed stream), set by the runner per block
+    float_inputs: Any = None
     #: what training stages measured (steps, tokens, CPU time, curves), one dict per stage, for the report
     metrics: list[dict[str, Any]] = field(default_factory=list)
 

@@ -36,7 +36,19 @@ def _meta_copy(module: nn.Module) -> nn.Module:
     """The module's structure with every tensor on the meta device (no data is copied)."""
     memo: dict[int, Any] = {id(p): nn.Parameter(p.detach().to("meta"), requires_grad=False) for p in module.parameters()}
     memo.update({id(b): b.detach().to("meta") for b in module.buffers()})
-    return copy.deepcopy(module, memo)
+    skeleton = copy.deepcopy(module, memo)
+    for m in skeleton.modules():  # hooks are the caller's, on its model; a float copy must not fire them
+        for attr in _HOOK_DICTS:
+            d = getattr(m, attr, None)
+            if isinstance(d, dict):
+                d.clear()
+    return skeleton
+
+
+#: ``nn.Module`` attributes holding per-instance forward/backward hooks (deepcopy copies them with the
+#: module); state-dict hooks stay, loading may rely on them.
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_hooks", "_backward_pre_hooks")
 
 
 def _non_persistent(module: nn.Module) -> dict[str, torch.Tensor]:

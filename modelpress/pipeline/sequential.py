@@ -197,6 +197,7 @@ def run_sequential(lm: LoadedModel, stages: list[tuple[BlockStage, str] | tuple[
         if before_block is not None:
             before_block(i)
         targets = floats.outputs(reference.block(i)) if floats is not None else None  # (n, seq, hidden)
+        ctx.float_inputs = floats  # the float stream into block i (moved on below, after the stages)
         with cached_dequant():
             for stage, _name, want in stages3:
                 inputs.forget_known()  # outputs a stage kept stay valid only until another stage runs
@@ -207,6 +208,7 @@ def run_sequential(lm: LoadedModel, stages: list[tuple[BlockStage, str] | tuple[
             inputs.propagate(blocks[i])
         if floats is not None:
             floats.hidden.copy_(targets)  # the float stream moves on through the float block
+        ctx.float_inputs = None
         ck.save(i + 1, lm, prefix, inputs, ctx, floats)
         if lm.lazy is not None and ck.dir is not None:  # low memory: the checkpoint holds the block now
             lm.lazy.offload(i, ck.dir / f"block{i}.safetensors", ck.block_formats(i))

@@ -48,7 +48,8 @@ def layers_of(model, cls):
 
 
 @pytest.mark.parametrize("stage", [{"method": "svd", "param_ratio": 0.8}, {"method": "asvd", "param_ratio": 0.8},
-                                   {"method": "svdllm", "param_ratio": 0.8}])
+                                   {"method": "svdllm", "param_ratio": 0.8},
+                                   {"method": "svdllm-update", "param_ratio": 0.8}])
 def test_uniform_ratio_ranks_and_save_reload(base, stage, tmp_path):
     lm, rep = compressed(base, [stage])
     lrs = layers_of(lm.module, LowRankLinear)

@@ -97,6 +97,22 @@ def test_reference_reads_source_files_instead_of_a_snapshot(tiny_llama_dir, tmp_
         torch.testing.assert_close(ref.model()(input_ids=ids).logits, lm.module(input_ids=ids).logits)
 
 
+def test_reference_blocks_do_not_carry_the_callers_hooks(tmp_path):
+    """The caller's hooks on its model (a profiler, an interrupt) must not fire on the float copies."""
+    lm = mp.load(make_tiny_llama(seed=2, layers=2))
+    calls = []
+    lm.module.model.layers[1].register_forward_pre_hook(lambda *_: calls.append("pre"))
+    lm.module.model.layers[1].mlp.register_forward_hook(lambda *_: calls.append("post"))
+    ref = FloatReference.snapshot(lm, tmp_path)
+    with torch.no_grad():
+        ref.model()(input_ids=torch.randint(0, 300, (1, 8)))
+    assert calls == []
+    with torch.no_grad():
+        lm.module(input_ids=torch.randint(0, 300, (1, 8)))
+    assert calls == ["pre", "post"]
+    ref.close()
+
+
 def test_snapshot_is_removed_with_the_run(probes, calib, tmp_path):
     lm = mp.load(make_tiny_llama(seed=1, layers=2))
     (tmp_path / "w").mkdir()
