@@ -1,8 +1,9 @@
-"""Swap every :class:`QuantLinear` of a model for the module of its selected kernel.
+"""Swap every :class:`QuantLinear` and factorised layer of a model for its selected kernel's module.
 
 Done once at load time (``install_kernels``); the model code is never edited, only its quantised
-linears are replaced. The plan returned says which kernel each layer got and, for each fallback,
-why, and a fallback from a kernel the user named is also raised as a warning.
+linears (op ``linear``) and float low-rank factor pairs (op ``lowrank``) are replaced. The plan
+returned says which kernel each layer got and, for each fallback, why, and a fallback from a
+kernel the user named is also raised as a warning.
 
 Example:
     >>> plan = install_kernels(lm.module, dtype=torch.bfloat16)   # doctest: +SKIP
@@ -20,17 +21,21 @@ from ..core.errors import ModelpressError
 from ..quant.formats.base import QTensor
 from ..quant.qlinear import QuantLinear
 from . import cpu, cuda, reference  # noqa: F401  (registers the built-in kernels)
+from .lowrank import OP as LOWRANK, FactorPair, factored_layers, install_pair
 from .reference import KernelLinear
 from ..core.layers import set_submodule as set_module
-from .registry import AUTO, KernelPlan, requested_kernel, select_kernel
+from .registry import AUTO, REFERENCE, KernelPlan, Weight, requested_kernel, select_kernel
 
 
 def install_kernels(model: nn.Module, prefer: str | None = None, dtype: torch.dtype = torch.bfloat16,
                     device: torch.device | str | None = None) -> KernelPlan:
-    """Replace each QuantLinear in ``model`` by its kernel's module (in place).
+    """Replace each QuantLinear and factorised layer in ``model`` by its kernel's module (in place).
+
+    Quantised linears go first, so that a quantised factor or a CompensatedLinear's quantised base
+    has its own format kernel (and plan row) before its factorised parent is looked at.
 
     Args:
-        model: any module holding :class:`QuantLinear` layers.
+        model: any module holding :class:`QuantLinear`, ``LowRankLinear`` or ``CompensatedLinear`` layers.
         prefer: kernel name, ``auto`` or ``reference`` (default: $MODELPRESS_KERNEL, else auto).
         dtype: activation dtype the kernels compute in (bfloat16 is where int4pack/int8pack are fast).
         device: where the model runs (default: where its first buffer is).
@@ -41,18 +46,26 @@ def install_kernels(model: nn.Module, prefer: str | None = None, dtype: torch.dt
     name = requested_kernel(prefer)
     dev = torch.device(device) if device is not None else _device_of(model)
     plan = KernelPlan(name)
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
-    for lname, ql in targets:
-        qt = ql.qtensor()
-        choice = select_kernel(qt, dev, name)
-        bias = ql.bias.detach() if ql.bias is not None else None
-        new = ql if choice.kernel.name == "reference" else choice.kernel.build(qt, bias, dev, dtype)
-        set_module(model, lname, new)
-        plan.rows.append((lname, choice.kernel.name, choice.note))
+    for lname, ql in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]:
+        if (new := _install_one(ql.qtensor(), ql.bias, "linear", dev, dtype, plan, lname)) is not None:
+            set_module(model, lname, new)
+    for lname, layer in factored_layers(model):
+        if (new := _install_one(FactorPair.of(layer), layer.B.bias, LOWRANK, dev, dtype, plan, lname)) is not None:
+            set_module(model, lname, install_pair(layer, new))
     if name != AUTO:
         for line in plan.notes():
             warnings.warn(f"modelpress kernels: {line}", stacklevel=2)
     return plan
+
+
+def _install_one(w: QTensor | Weight, bias: torch.Tensor | None, op: str, dev: torch.device, dtype: torch.dtype,
+                 plan: KernelPlan, lname: str) -> nn.Module | None:
+    """The kernel module for one layer's weight (None: the reference, keep the layer); adds its plan row."""
+    choice = select_kernel(w, dev, plan.requested, op)
+    plan.rows.append((lname, choice.kernel.name, choice.note))
+    if choice.kernel.name == REFERENCE:
+        return None
+    return choice.kernel.build(w, bias.detach() if bias is not None else None, dev, dtype)
 
 
 def cast_float_parts(model: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -1,9 +1,11 @@
 """Kernel registry keyed by (op, format, backend), with the pure-torch reference always available.
 
-A kernel is a class that turns one quantised weight (a :class:`QTensor` plus bias) into a module
-computing the same linear map faster on some device. It says *why* it cannot take a weight
+A kernel is a class that turns one weight of its op (for ``linear``, a quantised :class:`QTensor`
+plus bias; for ``lowrank``, a float :class:`~modelpress.kernels.lowrank.FactorPair`) into a module
+computing the same map faster on some device. It says *why* it cannot take a weight
 (``unsupported`` returns a reason, or None), so selection can fall back to the reference and say
-so instead of failing or silently running something else.
+so instead of failing or silently running something else. ``reference`` serves every op: the
+layer is left as it is.
 
 Selection order for one layer: the kernel named by the caller, else the ``MODELPRESS_KERNEL``
 environment variable, else ``auto`` (the highest-priority kernel registered for the weight's
@@ -36,23 +38,35 @@ AUTO = "auto"
 REFERENCE = "reference"
 
 
+class Weight(Protocol):
+    """A kernel weight other than a QTensor (e.g. a factor pair): only its format key is shared."""
+
+    format_tag: str
+
+
+def format_tag(w: QTensor | Weight) -> str:
+    """The key a kernel's ``formats`` match: a QTensor's format tag, else the weight's own ``format_tag``."""
+    return w.fmt.type_tag if isinstance(w, QTensor) else w.format_tag
+
+
 class Kernel(Protocol):
     """What a registered kernel provides (classes with these class attributes and classmethods)."""
 
     name: ClassVar[str]
-    op: ClassVar[str]  # "linear"
-    formats: ClassVar[tuple[str, ...]]  # weight format ``type`` tags it accepts ("*": any)
+    op: ClassVar[str]  # "linear", "lowrank" ("*" for the reference: every op)
+    formats: ClassVar[tuple[str, ...]]  # weight format tags it accepts ("*": any); see ``format_tag``
     backend: ClassVar[str]  # "cpu", "cuda" or "*" (any device)
     priority: ClassVar[int]  # auto picks the highest accepted; <= 0: only when named (reference: 0)
     tested: ClassVar[bool]  # False for paths never run on this project's machines (say so)
 
     @classmethod
-    def unsupported(cls, qt: QTensor, device: torch.device) -> str | None:
+    def unsupported(cls, qt: QTensor | Weight, device: torch.device) -> str | None:
         """Why this kernel cannot run ``qt`` on ``device``, or None when it can."""
 
     @classmethod
-    def build(cls, qt: QTensor, bias: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> nn.Module:
-        """A module computing ``x @ dequant(qt).T + bias`` with this kernel, ``dtype`` activations."""
+    def build(cls, qt: QTensor | Weight, bias: torch.Tensor | None, device: torch.device,
+              dtype: torch.dtype) -> nn.Module:
+        """A module computing ``x @ W.T + bias`` (W: the weight ``qt`` stands for), ``dtype`` activations."""
 
 
 class KernelRegistry:
@@ -139,7 +153,8 @@ def requested_kernel(prefer: str | None = None) -> str:
     return name
 
 
-def select_kernel(qt: QTensor, device: torch.device, prefer: str | None = None, op: str = "linear") -> Choice:
+def select_kernel(qt: QTensor | Weight, device: torch.device, prefer: str | None = None,
+                  op: str = "linear") -> Choice:
     """Pick the kernel for ``qt`` on ``device`` (see module docstring for the order)."""
     name = requested_kernel(prefer)
     ref = KERNELS.get(REFERENCE)
@@ -150,20 +165,21 @@ def select_kernel(qt: QTensor, device: torch.device, prefer: str | None = None, 
         reason = _refusal(k, qt, device, op)
         return Choice(k) if reason is None else Choice(ref, f"kernel {name!r} requested but {reason}; using reference")
     reasons = []
-    for k in KERNELS.candidates(op, qt.fmt.type_tag, device.type):
+    tag = format_tag(qt)
+    for k in KERNELS.candidates(op, tag, device.type):
         reason = k.unsupported(qt, device)
         if reason is None:
             return Choice(k)
         reasons.append(f"{k.name}: {reason}")
-    why = "; ".join(reasons) if reasons else f"no kernel for {qt.fmt.type_tag} weights on {device.type}"
+    why = "; ".join(reasons) if reasons else f"no kernel for {tag} weights ({op}) on {device.type}"
     return Choice(ref, f"reference kernel ({why})")
 
 
-def _refusal(k: type[Kernel], qt: QTensor, device: torch.device, op: str) -> str | None:
-    if k.op != op:
+def _refusal(k: type[Kernel], qt: QTensor | Weight, device: torch.device, op: str) -> str | None:
+    if k.op not in ("*", op):
         return f"it computes {k.op}, not {op}"
-    if "*" not in k.formats and qt.fmt.type_tag not in k.formats:
-        return f"it takes {'/'.join(k.formats)} weights, not {qt.fmt.type_tag}"
+    if "*" not in k.formats and format_tag(qt) not in k.formats:
+        return f"it takes {'/'.join(k.formats)} weights, not {format_tag(qt)}"
     if k.backend not in ("*", device.type):
         return f"it needs a {k.backend} device and this one is {device.type}"
     return k.unsupported(qt, device)
