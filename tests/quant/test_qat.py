@@ -202,6 +202,24 @@ def test_block_ap_stays_at_zero_on_a_block_already_on_the_grid():
                                      blk.down.weight, blk.down.bias)  # the float block
     fit = reconstruct(blk, [{"params": weights, "lr": 1e-3}, {"params": grids, "lr": 1e-2}], x, y, {}, epochs=5, batch_size=4)
     assert fit.mse_before < 1e-12 * float(y.pow(2).mean()) and fit.mse_after < 1e-12 * float(y.pow(2).mean())
+    # not thanks to the revert below: what training itself reached stayed at zero too
+    assert fit.reverted_from is None or fit.reverted_from < 1e-12 * float(y.pow(2).mean())
+
+
+def test_block_ap_keeps_its_start_when_training_makes_the_block_worse():
+    """A learning rate far above the grid step wrecks the block; the start comes back, exactly, and the
+    fit says what training had reached."""
+    fmt = IntFormat(bits=8, granularity=16, symmetric=False)
+    blk, weights, grids = _on_grid_block(fmt, 1.3)
+    x = torch.randn(16, 8, 32)
+    with torch.no_grad():
+        y = x + nn.functional.linear(torch.relu(nn.functional.linear(x, blk.up.weight, blk.up.bias)),
+                                     blk.down.weight, blk.down.bias)
+    start = [p.detach().clone() for p in weights + grids]
+    fit = reconstruct(blk, [{"params": weights, "lr": 0.5}, {"params": grids, "lr": 0.5}], x, y, {}, epochs=3, batch_size=4)
+    assert fit.reverted_from is not None and fit.reverted_from > fit.mse_before
+    assert fit.mse_after == fit.mse_before
+    assert all(torch.equal(p, s) for p, s in zip(weights + grids, start))
 
 
 def test_block_ap_recovers_most_of_a_wrong_step_size():

@@ -33,6 +33,9 @@ class BlockFit:
     tokens: int
     cpu_s: float
     losses: list[float] = field(default_factory=list)  # mean training loss per epoch
+    #: training ended with a higher output MSE than it started from, so the starting parameters were put
+    #: back (the MSE the training reached); None when training helped
+    reverted_from: float | None = None
 
 
 def block_output(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -66,7 +69,10 @@ def reconstruct(block: nn.Module, groups: list[dict[str, Any]], x: torch.Tensor,
         seed: the shuffling seed (the order is a pure function of it, so a rerun trains identically).
 
     Returns:
-        :class:`BlockFit` (the MSE is measured on the same ``n`` sequences before and after).
+        :class:`BlockFit` (the MSE is measured on the same ``n`` sequences before and after). Training
+        never leaves the block worse than it found it: when the final MSE is above the starting one
+        (Adam's steps are absolute, so on a grid much finer than the learning rate they only add
+        noise), the starting parameters are restored and ``reverted_from`` says what training reached.
 
     Example:
         >>> blk = nn.Linear(4, 4)
@@ -80,6 +86,8 @@ def reconstruct(block: nn.Module, groups: list[dict[str, Any]], x: torch.Tensor,
     per_epoch = n // batch_size
     total = epochs * per_epoch
     before = block_mse(block, x, y, kwargs, batch_size)
+    params = [p for g in groups for p in g["params"]]
+    start = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / max(total, 1))))
     gen = torch.Generator().manual_seed(seed)
@@ -100,4 +108,11 @@ def reconstruct(block: nn.Module, groups: list[dict[str, Any]], x: torch.Tensor,
             losses.append(run / max(per_epoch, 1))
     opt.zero_grad(set_to_none=True)
     after = block_mse(block, x, y, kwargs, batch_size)
-    return BlockFit(before, after, total, total * batch_size * int(x.shape[1]), time.process_time() - c0, losses)
+    reverted = None
+    if after > before:
+        with torch.no_grad():
+            for p, s0 in zip(params, start):
+                p.copy_(s0)
+        reverted, after = after, block_mse(block, x, y, kwargs, batch_size)
+    return BlockFit(before, after, total, total * batch_size * int(x.shape[1]), time.process_time() - c0, losses,
+                    reverted)

@@ -204,9 +204,12 @@ class BlockAPStage:
                 record_quantized(ctx, "block-ap", n, w, q.qtensor())
             rec.notes.append(f"block {index}: output MSE {fit.mse_before:.4g} -> {fit.mse_after:.4g} "
                              f"({fit.steps} steps, {fit.tokens} tokens)")
+            if fit.reverted_from is not None:
+                rec.notes.append(f"block {index}: training ended at output MSE {fit.reverted_from:.4g}, above its "
+                                 "start; the starting weights and grid were kept")
         ctx.metrics.append({"stage": "block-ap", "block": index, "mse_before": fit.mse_before,
                             "mse_after": fit.mse_after, "steps": fit.steps, "tokens": fit.tokens,
-                            "cpu_s": fit.cpu_s, "epoch_losses": fit.losses})
+                            "cpu_s": fit.cpu_s, "epoch_losses": fit.losses, "reverted_from": fit.reverted_from})
 
 
 @torch.no_grad()
