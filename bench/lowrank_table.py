@@ -1,5 +1,5 @@
-"""Low-rank compression on one model, one run: plain SVD vs ASVD vs SVD-LLM at the same parameter
-budget, and GPTQ W3 g64 with and without rank-32 compensation (EoRA). PPL, ΔPPL, weights kept in
+"""Low-rank compression on one model, one run: plain SVD vs ASVD vs SVD-LLM vs FWSVD at the same
+parameter budget, and GPTQ W3 g64 with and without rank-32 compensation (EoRA). PPL, ΔPPL, weights kept in
 the decoder blocks, bits per weight (quantised rows), compress wall and CPU seconds.
 
 Loads the model once, evaluates the float baseline, then for each recipe: copy the model, compress
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-RECIPES = ["svd-r20", "asvd-r20", "svdllm-r20", "gptq-w3-g64", "gptq-w3-g64-lr32"]
-FACTORISING = ("svd", "asvd", "svdllm")
+RECIPES = ["svd-r20", "asvd-r20", "svdllm-r20", "fwsvd-r20", "gptq-w3-g64", "gptq-w3-g64-lr32"]
+FACTORISING = ("svd", "asvd", "svdllm", "fwsvd")
 _W3G64 = {"type": "int", "bits": 3, "symmetric": True, "granularity": 64}
 #: Recipes of this table only (usable in --recipes by name): compensation after the data-free quantiser,
 #: which costs one calibration pass instead of GPTQ's.
@@ -76,7 +76,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="bundled:smollm2-135m-instruct")
     ap.add_argument("--recipes", nargs="+", default=RECIPES, help="built-in names or recipe files")
-    ap.add_argument("--ratios", nargs="*", type=float, default=[], help="extra kept fractions for svd/asvd/svdllm")
+    ap.add_argument("--ratios", nargs="*", type=float, default=[], help="extra kept fractions, each factorising method")
     ap.add_argument("--eval-data", default="bundled:wikitext2")
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--eval-seq-len", type=int, default=1024)
@@ -128,7 +128,8 @@ def write(out: str, meta: dict, rows: list[dict]) -> None:
     Path(out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"# {meta['model']}: low-rank compression, perplexity on {meta['eval_data']}", "",
              f"first {meta['eval_tokens']} tokens, {meta['eval_seq_len']}-token windows; calibration (ASVD, SVD-LLM, "
-             f"GPTQ, EoRA) {meta['calib_samples']} x {meta['calib_seq_len']} tokens from {meta['calib']}; "
+             f"FWSVD's gradients, GPTQ, EoRA) "
+             f"{meta['calib_samples']} x {meta['calib_seq_len']} tokens from {meta['calib']}; "
              f"{meta['threads']} thread(s), torch {meta['torch']}, {meta['cpus']} CPUs. `weights kept`: linear "
              "weights inside the decoder blocks after / before (lm_head and embeddings untouched); `bits/weight`: "
              "the compressed linears' storage per original weight (fp32 factors count 32 bits each).", "",

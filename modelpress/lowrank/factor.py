@@ -5,6 +5,9 @@ Every method here returns the same thing, a pair ``(B, A)`` with ``W ≈ B @ A``
 * plain SVD: ``W = U Σ V^T``, keep the top ``r``;
 * ASVD (Yuan et al., 2023): ``W = (W S) S^-1`` with ``S = diag(mean|x|^alpha)``, SVD of ``W S``, so
   the columns fed by large activations are kept more faithfully;
+* FWSVD (Hsu et al., 2022): the same on the other side, ``W = D^-1 (D W)`` with ``D = diag(sqrt I)``
+  and ``I_i`` the Fisher information of output row ``i`` (summed squared loss gradients), so the
+  truncation minimises ``sum_i I_i ||W_i - W'_i||^2``, exactly the dropped ``σ²`` of ``D W``;
 * SVD-LLM (Wang et al., 2024): ``S`` the Cholesky factor of the calibration Gram matrix
   ``G = X^T X = S S^T``. Then ``||(W - W') X^T||_F = ||(W - W') S||_F`` for every ``W'``, so truncating
   the SVD of ``W S`` is the best rank-``r`` fit of the *outputs* (Eckart-Young in the whitened
@@ -84,22 +87,50 @@ def svd_factor(W: torch.Tensor, rank: RankSpec) -> Factors:
     return Factors(B.to(W.dtype), A.to(W.dtype), s.to(W.dtype), [])
 
 
-def scaled_factor(W: torch.Tensor, scale: torch.Tensor, rank: RankSpec) -> Factors:
-    """ASVD: SVD of ``W diag(scale)``, truncated, then the scale undone on A (scale (in,), positive)."""
+def scaled_factor(W: torch.Tensor, scale: torch.Tensor | None, rank: RankSpec, *,
+                  row: torch.Tensor | None = None) -> Factors:
+    """SVD of ``diag(row) W diag(scale)``, truncated, then both scales undone (row on B, scale on A).
+
+    ``scale`` (in,) is ASVD's column scale, ``row`` (out,) FWSVD's row scale; None means 1, and both
+    must be positive. ``sigma`` is the spectrum of the scaled weight, so ``truncation_loss()`` is the
+    scaled error ``||diag(row) (W - B A) diag(scale)||_F^2``.
+
+    Example:
+        >>> W = torch.randn(5, 4); d = torch.rand(5) + 0.1
+        >>> f = scaled_factor(W, None, 2, row=d)
+        >>> abs(float((d[:, None] * (W - f.B @ f.A)).pow(2).sum()) - f.truncation_loss()) < 1e-4
+        True
+    """
     if not callable(rank):
         check_rank(rank, tuple(W.shape))
-    s64 = scale.double()
-    U, s, Vh = torch.linalg.svd(W.double() * s64, full_matrices=False)
+    c = scale.double() if scale is not None else torch.ones(W.shape[1], dtype=torch.float64)  # (in,)
+    d = row.double() if row is not None else torch.ones(W.shape[0], dtype=torch.float64)  # (out,)
+    U, s, Vh = torch.linalg.svd(d[:, None] * W.double() * c, full_matrices=False)
     rank = _resolve(rank, s, tuple(W.shape))
     B, A = _split(U, s, Vh, rank)
-    return Factors(B.to(W.dtype), (A / s64).to(W.dtype), s.to(W.dtype), [])
+    return Factors((B / d[:, None]).to(W.dtype), (A / c).to(W.dtype), s.to(W.dtype), [])
+
+
+def _floored(s: torch.Tensor) -> torch.Tensor:
+    """Zero entries raised to the smallest positive one (all zero: ones), so a scale stays invertible."""
+    floor = s[s > 0].min() if bool((s > 0).any()) else torch.ones((), dtype=s.dtype)
+    return torch.where(s > 0, s, floor)
 
 
 def asvd_scale(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
     """ASVD's column scale ``mean|x|^alpha`` (in,), floored so a dead input column stays invertible."""
-    s = mean_abs.double().clamp_min(0) ** alpha
-    floor = s[s > 0].min() if bool((s > 0).any()) else torch.ones((), dtype=s.dtype)
-    return torch.where(s > 0, s, floor)
+    return _floored(mean_abs.double().clamp_min(0) ** alpha)
+
+
+def fisher_scale(row_fisher: torch.Tensor) -> torch.Tensor:
+    """FWSVD's row scale ``sqrt(I)`` (out,) from the per-row Fisher information ``I``, floored so a
+    row the loss never reached (zero gradient) stays invertible.
+
+    Example:
+        >>> fisher_scale(torch.tensor([0.0, 4.0, 1.0])).tolist()
+        [1.0, 2.0, 1.0]
+    """
+    return _floored(row_fisher.double().clamp_min(0).sqrt())
 
 
 def whitening(G: torch.Tensor, damp: float = 0.0) -> tuple[torch.Tensor, list[str]]:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from modelpress.core.errors import ModelpressError
-from modelpress.lowrank.factor import asvd_scale, scaled_factor, svd_factor, whitened_factor, whitening
+from modelpress.lowrank.factor import (asvd_scale, fisher_scale, scaled_factor, svd_factor, whitened_factor,
+                                       whitening)
 from modelpress.lowrank.layer import LowRankLinear
 from modelpress.lowrank.ranks import energy_rank, global_ranks, ratio_rank
 
@@ -90,6 +91,64 @@ def test_asvd_scale_is_undone():
 def test_dead_channel_scale_is_floored():
     s = asvd_scale(torch.tensor([0.0, 4.0, 1.0]), 0.5)
     assert s.tolist() == [1.0, 2.0, 1.0]
+
+
+# ---- FWSVD: rows weighted by their Fisher information ---------------------------------------------
+def fisher_loss(W: torch.Tensor, W2: torch.Tensor, I: torch.Tensor) -> float:
+    """sum_i I_i ||W_i - W2_i||^2, computed directly."""
+    return float((I.double()[:, None] * (W.double() - W2.double()).pow(2)).sum())
+
+
+def unequal_rows(out_f: int = 24, in_f: int = 32, seed: int = 11) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight and a row Fisher spanning six decades (a few rows dominate the loss)."""
+    g = gen(seed)
+    W = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
+    I = 10.0 ** (6 * torch.rand(out_f, generator=g, dtype=torch.float64) - 3)
+    return W, I
+
+
+@pytest.mark.parametrize("rank", [1, 4, 9])
+def test_fwsvd_weighted_error_is_tail_of_row_scaled_spectrum(rank):
+    W, I = unequal_rows()
+    f = scaled_factor(W, None, rank, row=fisher_scale(I))
+    brute = fisher_loss(W, f.B @ f.A, I)
+    sv = np.linalg.svd((I.sqrt()[:, None] * W).numpy(), compute_uv=False)  # independent reference
+    assert brute == pytest.approx(float((sv[rank:] ** 2).sum()), rel=1e-9)
+    assert brute == pytest.approx(f.truncation_loss(), rel=1e-9)
+    assert f.B.shape == (24, rank) and f.A.shape == (rank, 32)
+
+
+def test_fwsvd_full_rank_gives_the_weight_back():
+    W, I = unequal_rows()
+    f = scaled_factor(W, None, min(W.shape), row=fisher_scale(I))
+    torch.testing.assert_close(f.B @ f.A, W)
+
+
+def test_fwsvd_beats_plain_svd_on_unequal_row_importance():
+    W, I = unequal_rows()
+    for rank in (2, 4, 8, 16):
+        plain, fw = svd_factor(W, rank), scaled_factor(W, None, rank, row=fisher_scale(I))
+        e_plain, e_fw = fisher_loss(W, plain.B @ plain.A, I), fisher_loss(W, fw.B @ fw.A, I)
+        assert e_fw < 0.9 * e_plain, (rank, e_fw, e_plain)
+        # ... and pays for it in the unweighted error (it is a trade, not a free lunch)
+        assert float((W - fw.B @ fw.A).pow(2).sum()) > float((W - plain.B @ plain.A).pow(2).sum())
+
+
+def test_equal_row_importance_is_plain_svd():
+    W = torch.randn(10, 14, generator=gen(12), dtype=torch.float64)
+    fw, plain = scaled_factor(W, None, 5, row=fisher_scale(torch.full((10,), 3.0))), svd_factor(W, 5)
+    torch.testing.assert_close(fw.B @ fw.A, plain.B @ plain.A)
+
+
+def test_dead_rows_are_floored_and_stay_finite():
+    assert fisher_scale(torch.tensor([0.0, 4.0, 1.0])).tolist() == [1.0, 2.0, 1.0]
+    assert fisher_scale(torch.zeros(3)).tolist() == [1.0, 1.0, 1.0]
+    W, I = unequal_rows()
+    I[:5] = 0.0  # rows the loss never reached
+    f = scaled_factor(W, None, 6, row=fisher_scale(I))
+    assert bool(torch.isfinite(f.B).all() and torch.isfinite(f.A).all())
+    full = scaled_factor(W, None, 24, row=fisher_scale(I))
+    torch.testing.assert_close(full.B @ full.A, W)
 
 
 # ---- non-positive-definite Gram matrices are dampened, and say so ------------------------------
