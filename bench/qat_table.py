@@ -42,6 +42,10 @@ def main() -> None:
     ap.add_argument("--block-epochs", type=int, default=None, help="override the recipe's Block-AP epochs")
     ap.add_argument("--e2e-steps", type=int, default=None, help="override the recipe's E2E-QP steps")
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--start", choices=["float", "gptq"], default="float",
+                    help="Block-AP's start: the float layers (the recipe: RTN grid, float weight trained through it) "
+                         "or a GPTQ stage in the recipe's own format first (QAT from a PTQ start)")
+    ap.add_argument("--skip-ptq", action="store_true", help="no RTN / GPTQ rows (e.g. a second start on the same settings)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True, help="output path without extension (.json and .md are written)")
     args = ap.parse_args()
@@ -72,7 +76,7 @@ def main() -> None:
 
     meta = {**{k: getattr(args, k) for k in ("model", "eval_data", "eval_tokens", "eval_seq_len", "calib", "calib_samples",
                                               "calib_seq_len", "train_samples", "train_seq_len", "threads",
-                                              "block_samples", "block_epochs", "e2e_steps")},
+                                              "block_samples", "block_epochs", "e2e_steps", "start")},
             "budget": "reduced" if reduced else "recipe default",
             "torch": torch.__version__, "machine": os.uname().nodename, "cpus": os.cpu_count()}
     base = ppl(base_lm.module)
@@ -88,7 +92,7 @@ def main() -> None:
         write(args.out, meta, rows)  # after every row: a stopped run keeps what it measured
 
     for bits in args.bits:
-        for method in ("rtn", "gptq"):
+        for method in () if args.skip_ptq else ("rtn", "gptq"):
             name = f"{method}-w{bits}-g64"
             recipe = name if name in mp_builtins() else {"name": name, "stages": [_ptq_stage(method, bits)]}
             lm, l0 = fresh(), os.getloadavg()[0]
@@ -96,10 +100,13 @@ def main() -> None:
             add(name, lm, rep, rep["compress_s"], rep["compress_cpu_s"], "0", (l0, os.getloadavg()[0]))
         stages = load_qat(bits, args)
         lm, l0 = fresh(), os.getloadavg()[0]
-        rep = mp.compress(lm, {"name": f"qat-w{bits}-g64 block-ap", "stages": [stages[0]]}, calib=calib, progress=False)
+        first = [{**_ptq_stage("gptq", bits), "format": stages[0]["format"]}] if args.start == "gptq" else []
+        rep = mp.compress(lm, {"name": f"qat-w{bits}-g64 block-ap", "stages": first + [stages[0]]}, calib=calib,
+                          progress=False)
         blocks = [m for s in rep["stages"] for m in s["metrics"] if m.get("stage") == "block-ap"]
         per_block = blocks[0]["tokens"] if blocks else 0
-        add(f"qat-w{bits}-g64: Block-AP{' (reduced)' if reduced else ''}", lm, rep, rep["compress_s"], rep["compress_cpu_s"],
+        start = " from GPTQ" if args.start == "gptq" else ""
+        add(f"qat-w{bits}-g64: Block-AP{start}{' (reduced)' if reduced else ''}", lm, rep, rep["compress_s"], rep["compress_cpu_s"],
             f"{per_block:,} per block x {len(blocks)}", (l0, os.getloadavg()[0]))
         if args.skip_e2e:
             continue
@@ -107,7 +114,7 @@ def main() -> None:
         result = e2e(base_lm, lm, stages[1], train)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         rep2 = {"mean_bits_per_weight": rep["mean_bits_per_weight"], "peak_rss_bytes": _peak()}
-        add(f"qat-w{bits}-g64: Block-AP + E2E-QP{' (reduced)' if reduced else ''}", lm, rep2,
+        add(f"qat-w{bits}-g64: Block-AP{start} + E2E-QP{' (reduced)' if reduced else ''}", lm, rep2,
             rep["compress_s"] + wall, rep["compress_cpu_s"] + cpu,
             f"{per_block:,} per block x {len(blocks)} + {result['tokens']:,} end to end", (l0, os.getloadavg()[0]))
 
