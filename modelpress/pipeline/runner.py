@@ -213,16 +213,34 @@ class Runner:
     def report(self, ctx: StageContext, seconds: float, cpu_seconds: float) -> dict[str, Any]:
         """The run's report (JSON-able): what each stage did to each layer, and what it cost."""
         layers = [vars(r) for r in ctx.layers]
-        bits = [r["bits_per_weight"] for r in layers if r.get("bits_per_weight")]
+        bits, mean_bits = final_bits(layers)
         return {
             "model": self.lm.source, "recipe": self.recipe.to_dict(),
             "calibration": self.calib.info if self.calib else None,
             "layers": layers, "warnings": ctx.warnings, "stages": self.timings,
             "compress_s": seconds, "compress_cpu_s": cpu_seconds,  # CPU: all threads, robust to a busy machine
-            "n_quantized": len(bits), "mean_bits_per_weight": sum(bits) / len(bits) if bits else None,
+            "n_quantized": len(bits), "mean_bits_per_weight": mean_bits,
             "peak_rss_bytes": peak_rss_bytes(), "params": count_params(self.lm.module),
             "memory_bytes": memory_bytes(self.lm.module),
         }
+
+
+def final_bits(layers: list[dict[str, Any]]) -> tuple[dict[str, float], float | None]:
+    """Each layer's bits per weight after the *last* stage that recorded it, and their mean weighted
+    by the layers' sizes (out x in).
+
+    Why: a layer two stages touched (prune then quantise, GPTQ then Block-AP) has two records; the
+    mean over records counted it twice, and an unweighted mean let a 576 x 64 layer weigh as much as a
+    1536 x 576 one, which is not what bits per weight means for the model's files.
+    """
+    last: dict[str, dict[str, Any]] = {}
+    for r in layers:
+        if r.get("bits_per_weight"):
+            last[r["name"]] = r
+    bits = {n: float(r["bits_per_weight"]) for n, r in last.items()}
+    sizes = {n: (r["shape"][0] * r["shape"][1] if r.get("shape") else 1) for n, r in last.items()}
+    total = sum(sizes.values())
+    return bits, (sum(bits[n] * sizes[n] for n in bits) / total if total else None)
 
 
 @contextlib.contextmanager

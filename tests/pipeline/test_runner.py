@@ -152,3 +152,17 @@ def test_block_error_is_zero_on_the_float_model_and_grows_after_quantisation(cal
     errs = [r["out_rel_error"] for r in rep["layers"] if r["method"] == "block-error"]
     assert len(errs) == 3 and 0 < errs[0] and all(e > 0.01 for e in errs)
     assert rep["stages"][0]["kind"] == "blockwise+reconstruction"
+
+
+def test_mean_bits_counts_each_layer_once_weighted_by_size():
+    """Two records for one layer (GPTQ then Block-AP): the last counts; sizes weight the mean."""
+    from modelpress.pipeline.runner import final_bits
+
+    layers = [{"name": "a", "shape": (8, 8), "bits_per_weight": 4.0},
+              {"name": "a", "shape": (8, 8), "bits_per_weight": 3.0},   # a later stage re-quantised it
+              {"name": "b", "shape": (8, 24), "bits_per_weight": 5.0},
+              {"name": "c", "shape": (8, 8), "bits_per_weight": None}]  # a record without bits
+    bits, mean = final_bits(layers)
+    assert bits == {"a": 3.0, "b": 5.0}
+    assert mean == (3.0 * 64 + 5.0 * 192) / 256
+    assert final_bits([]) == ({}, None)
