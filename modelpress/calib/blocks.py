@@ -11,8 +11,10 @@ while the cache replays the block, that submodule returns the known output inste
 """
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -24,6 +26,10 @@ from ..core.errors import ModelpressError
 from ..models.archspec import get_blocks
 from ..models.loading import LoadedModel
 from ..models.mapped import page_out
+
+
+#: Spill file numbering (unique within the process).
+_SPILLS = itertools.count()
 
 
 class _Stop(Exception):
@@ -45,6 +51,7 @@ class MappedFile:
     """
 
     def __init__(self, path: str, nbytes: int) -> None:
+        self.path = path
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             os.ftruncate(fd, nbytes)
@@ -64,6 +71,66 @@ class MappedFile:
         a, b = start // page * page, min(len(self.mm), -(-stop // page) * page)
         if b > a and hasattr(self.mm, "madvise"):
             self.mm.madvise(mmap.MADV_DONTNEED, a, b - a)
+
+
+class Spill:
+    """One tensor per cached batch, kept in a file-backed mapping instead of RAM (low memory).
+
+    Why: replaying a submodule from its recorded inputs, or keeping a submodule's outputs, saves
+    block forwards but holds a whole calibration set's activations; with the cache on disk those
+    go to disk too. Each tensor is written once, read back as a view when used, and its pages are
+    handed back to the OS right after (:meth:`MappedFile.release`). The file is sized from the first
+    batch (the largest: only the last batch can be shorter) and removed when the spill is dropped.
+    """
+
+    def __init__(self, path: str, n_batches: int) -> None:
+        self.path, self.n = path, n_batches
+        self.file: MappedFile | None = None
+        self.slot = 0
+        self.shapes: list[tuple[tuple[int, ...], torch.dtype] | None] = [None] * n_batches
+        self._cleanup = weakref.finalize(self, _unlink, path)
+
+    def __len__(self) -> int:
+        return sum(m is not None for m in self.shapes)
+
+    def __bool__(self) -> bool:  # a spill is a spill even before its first batch
+        return True
+
+    def put(self, b: int, t: torch.Tensor) -> None:
+        t = t.detach()
+        nbytes = t.numel() * t.element_size()
+        if self.file is None:
+            self.slot = -(-nbytes // 64) * 64
+            self.file = MappedFile(self.path, self.slot * self.n)
+        if nbytes > self.slot:
+            raise ModelpressError(f"internal: batch {b} ({nbytes} bytes) is larger than the first ({self.slot})")
+        self._view(b, tuple(t.shape), t.dtype).copy_(t)
+        self.shapes[b] = (tuple(t.shape), t.dtype)
+        self.release(b)
+
+    def get(self, b: int) -> torch.Tensor:
+        """Batch ``b``'s tensor: a view of the mapping (read it, then :meth:`release`)."""
+        meta = self.shapes[b]
+        if meta is None:
+            raise ModelpressError(f"internal: spilled batch {b} was never written")
+        return self._view(b, *meta)
+
+    def release(self, b: int) -> None:
+        if self.file is not None:
+            self.file.release(b * self.slot, (b + 1) * self.slot)
+
+    def _view(self, b: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = 1
+        for d in shape:
+            n *= d
+        return torch.frombuffer(self.file.mm, dtype=dtype, count=n, offset=b * self.slot).view(shape)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 @dataclass
@@ -94,6 +161,12 @@ class BlockInputs:
             row = self.hidden[0].numel() * self.hidden.element_size()
             self.pages.release(s * row, min(e, self.hidden.shape[0]) * row)
 
+    def spill(self, tag: str) -> Spill | None:
+        """A new per-batch spill file beside the on-disk cache (None when the cache is in RAM)."""
+        if self.pages is None:
+            return None
+        return Spill(f"{self.pages.path}.{tag}{next(_SPILLS)}", self.n_batches)
+
     def forget_known(self) -> None:
         """Drop every known submodule output (the block is about to change)."""
         self.known.clear()
@@ -123,10 +196,17 @@ class BlockInputs:
         """
         handles = []
         calls: list[tuple[tuple, dict]] = []
+        spill = self.spill("replay") if record is not None else None
+
+        def keep(_m: nn.Module, a: tuple, kw: dict) -> None:
+            args = tuple(t.detach() if torch.is_tensor(t) else t for t in a)
+            if spill is not None and args and torch.is_tensor(args[0]):  # the hidden states go to disk
+                spill.put(len(calls), args[0])
+                args = (_SPILLED,) + args[1:]
+            calls.append((args, dict(kw)))
+
         if record is not None:
-            handles.append(record.register_forward_pre_hook(
-                lambda _m, a, kw: calls.append((tuple(t.detach() if torch.is_tensor(t) else t for t in a),
-                                                dict(kw))), with_kwargs=True))
+            handles.append(record.register_forward_pre_hook(keep, with_kwargs=True))
         if stop_before is not None:
             handles.append(stop_before.register_forward_pre_hook(_raise_stop))
         if stop_after is not None:
@@ -146,7 +226,7 @@ class BlockInputs:
         finally:
             for h in handles:
                 h.remove()
-        return SubInputs(calls) if record is not None and len(calls) == n_batches else None
+        return SubInputs(calls, spill) if record is not None and len(calls) == n_batches else None
 
     def forward_batch(self, block: nn.Module, b: int, *, stop_before: nn.Module | None = None) -> None:
         """Forward batch ``b`` alone through ``block`` (hooks observe; the output is dropped), ending
@@ -197,6 +277,12 @@ class SubInputs:
     """
 
     calls: list[tuple[tuple, dict]]
+    spill: Spill | None = None  # low memory: each call's first argument is on disk (``_SPILLED`` marks it)
+
+    def args(self, k: int) -> tuple:
+        """Call ``k``'s positional arguments (the spilled one read back)."""
+        args = self.calls[k][0]
+        return (self.spill.get(k),) + args[1:] if args and args[0] is _SPILLED else args
 
     def run(self, module: nn.Module, *, stop_before: nn.Module | None = None,
             check_last: nn.Module | None = None) -> Callable[[torch.Tensor], Any] | None:
@@ -213,20 +299,27 @@ class SubInputs:
             handles.append(check_last.register_forward_hook(lambda _m, _a, out: seen.setdefault("last", out)))
             handles.append(module.register_forward_hook(lambda _m, _a, out: seen.setdefault("out", out)))
         try:
-            for k, (args, kwargs) in enumerate(self.calls):
+            for k, (_args, kwargs) in enumerate(self.calls):
                 if stop_before is not None and k == (check_last is not None):  # after the checked call
                     handles.append(stop_before.register_forward_pre_hook(_raise_stop))
                 try:
-                    module(*args, **kwargs)
+                    module(*self.args(k), **kwargs)
                 except _Stop:
                     pass
+                if self.spill is not None:
+                    self.spill.release(k)
         finally:
             for h in handles:
                 h.remove()
         return _rebuild_if_last(seen.get("out"), seen.get("last")) if check_last is not None else None
 
     def nbytes(self) -> int:
+        """Bytes held in RAM (a spilled argument is on disk)."""
         return sum(t.numel() * t.element_size() for a, _ in self.calls for t in a if torch.is_tensor(t))
+
+
+#: Marks a recorded argument that lives in the call list's spill file.
+_SPILLED = object()
 
 
 @dataclass
@@ -242,13 +335,24 @@ class KnownOutputs:
 
     parent: nn.Module  # the submodule whose forward is substituted
     last: str  # its last layer, relative to ``parent``
-    values: list[torch.Tensor]  # per batch: the last layer's input, then its output once computed
+    #: per batch: the last layer's input, then its output once computed (in RAM, or a Spill on disk)
+    values: list[torch.Tensor] | Spill
     rebuild: Callable[[torch.Tensor], Any]  # the submodule's return value around an output
     computed: list[bool] = field(default_factory=list)
+    outputs: Spill | None = None  # low memory: the computed outputs (their shape may differ from the inputs')
 
     def output(self, b: int) -> Any:
         if not self.computed:
             self.computed = [False] * len(self.values)
+        if isinstance(self.values, Spill):
+            if not self.computed[b]:
+                y = self.parent.get_submodule(self.last)(self.values.get(b))
+                self.values.release(b)
+                self.outputs.put(b, y)
+                self.computed[b] = True
+            y = self.outputs.get(b).clone()
+            self.outputs.release(b)
+            return self.rebuild(y)
         if not self.computed[b]:
             self.values[b] = self.parent.get_submodule(self.last)(self.values[b])
             self.computed[b] = True

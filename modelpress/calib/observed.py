@@ -22,7 +22,7 @@ from ..core.method import RunContext
 from ..models.archspec import ArchSpec
 from ..models.loading import LoadedModel
 from ..models.layers import linear_shape
-from .blocks import BlockInputs, KnownOutputs, SubInputs, common_ancestor, last_module
+from .blocks import BlockInputs, KnownOutputs, Spill, SubInputs, common_ancestor, last_module
 from .capture import capture_inputs
 
 #: (loaded model, {layer name: module} of one input set, the set's accumulator, context) -> None
@@ -80,13 +80,17 @@ class ObservedBlockStage:
             replaying = replay is not None and _inside(replay[0], group)
             # the group's one layer may be the replayed submodule's last: keep its inputs to know the outputs
             last = group[0] if replaying and len(group) == 1 and _final(replay[0], groups[k + 1:]) else None
-            kept: list[torch.Tensor] = []
+            # the last layer's inputs, per batch: in RAM, or spilled beside an on-disk cache (low memory)
+            kept: list[torch.Tensor] | Spill = (inputs.spill("known") if last else None) or []
             rebuild = None
 
             def sink(n: str, x: torch.Tensor) -> None:
                 accs[n].update(x.float())
                 if n == last:
-                    kept.append(x.detach())
+                    if isinstance(kept, Spill):
+                        kept.put(len(kept), x)
+                    else:
+                        kept.append(x.detach())
 
             with capture_inputs({n: mods[n] for n in accs}, sink):
                 if replaying:  # e.g. only the MLP, not the whole block
@@ -99,7 +103,8 @@ class ObservedBlockStage:
             for s in sets:  # the accumulator is dropped as soon as its set is done (a Hessian is large)
                 self.apply_set(lm, {n: mods[n] for n in s}, accs.pop(s[0]), ctx)
             if last and rebuild is not None and len(kept) == len(replay[2].calls):
-                inputs.known[replay[1]] = KnownOutputs(replay[1], last[len(replay[0]) + 1:], kept, rebuild)
+                outs = inputs.spill("known-out") if isinstance(kept, Spill) else None
+                inputs.known[replay[1]] = KnownOutputs(replay[1], last[len(replay[0]) + 1:], kept, rebuild, outputs=outs)
             if replay is not None and not _inside(replay[0], group):
                 replay = None  # a layer outside the recorded module changed: its inputs are stale
 
@@ -122,8 +127,8 @@ def _replay_target(lm: LoadedModel, block: nn.Module, prefix: str, names: list[s
     gate/up then down in the MLP), that submodule's inputs do not depend on them, so the next
     pass can start from its recorded inputs instead of from the block's.
     """
-    if inputs.on_disk or inputs.hidden.numel() * inputs.hidden.element_size() > REPLAY_MAX_BYTES:
-        return None
+    if inputs.pages is None and inputs.hidden.numel() * inputs.hidden.element_size() > REPLAY_MAX_BYTES:
+        return None  # (with the cache on disk, the recorded inputs are spilled beside it instead)
     target = common_ancestor(block, [lm.module.get_submodule(n) for n in names])
     if target is None:
         return None

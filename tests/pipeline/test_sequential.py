@@ -167,3 +167,39 @@ def test_true_sequential_replays_submodules_with_identical_result(calib, monkeyp
     n_batches = 1  # 6 samples x 32 tokens fit one ~4k-token batch
     # without replay: 4 group passes + 1 propagation per block; with it: 2 + 1 (capture calls excluded)
     assert n_full - n_replay == 2 * 2 * n_batches
+
+
+def test_on_disk_cache_replays_from_spilled_inputs_with_identical_result(tmp_path, calib, monkeypatch):
+    """With the cache on disk (low memory), replay records its inputs and known outputs in spill files
+    beside the cache: the same codes and the same block calls as the in-RAM replay, over several
+    batches, and no spill file left behind."""
+    from modelpress.calib import blocks, observed
+
+    monkeypatch.setattr(blocks, "FORWARD_TOKENS_ON_DISK", 64)  # 2 samples a batch: 3 batches
+    monkeypatch.setattr(blocks, "FORWARD_TOKENS", 64)
+    spills = []
+    real = blocks.Spill.put
+
+    def put(self, b, t):
+        spills.append(self.path)
+        return real(self, b, t)
+
+    monkeypatch.setattr(blocks.Spill, "put", put)
+
+    def run(offload, replay=True):
+        monkeypatch.setattr(observed, "REPLAY_MAX_BYTES", 2 << 30 if replay else 0)
+        lm = mp.load(make_tiny_llama(seed=11, layers=2))
+        calls = []
+        for blk in lm.module.model.layers:
+            blk.register_forward_pre_hook(lambda *_: calls.append(1))
+        work = tmp_path / f"w{offload}{replay}"
+        mp.apply(lm, RECIPE, calib=calib, progress=False, workdir=work, offload_activations=offload)
+        return _packed(lm.module), len(calls), work
+
+    (a, n_ram, _), (b, n_disk, work), (_, n_full, _) = run(False), run(True), run(False, replay=False)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert n_disk == n_ram < n_full  # the on-disk run replays as the in-RAM one does
+    assert any(".replay" in p for p in spills) and any(".known" in p for p in spills)
+    import gc
+    gc.collect()
+    assert not work.exists() or not any(work.rglob("*.replay*")) and not any(work.rglob("*.known*"))
