@@ -59,6 +59,10 @@ def main() -> None:
     ap.add_argument("--sequential", dest="concurrent", action="store_false",
                     help="run ours and the peer one after the other (default: at the same time, same load)")
     ap.add_argument("--peer-python", default=str(ROOT / ".venv-llmc/bin/python"))
+    ap.add_argument("--ours-source", choices=["gguf", "safetensors"], default="gguf",
+                    help="what our compress reads: the GGUF (as the peer), or the same weights written once as an "
+                         "fp32 safetensors folder (not timed; what --low-memory maps instead of loading)")
+    ap.add_argument("--ours-extra", nargs="*", default=[], help="more arguments for our compress (e.g. --low-memory)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -75,6 +79,14 @@ def main() -> None:
     ev = torch.tensor(base.tokenizer.encode(read_text(SHARED / "wikitext2/wiki.test.raw", True))[: args.eval_tokens])
     save_file({"calib": calib.ids.contiguous(), "eval": ev.contiguous()}, str(work / "tokens.safetensors"))
     base_ppl = perplexity(base.module, ev, args.eval_seq_len).perplexity
+    fp32_bytes = sum(p.numel() * p.element_size() for p in base.module.state_dict().values())
+    ours_model = str(gguf)
+    if args.ours_source == "safetensors":
+        folder = work / "fp32"
+        base.module.save_pretrained(str(folder))
+        base.tokenizer.save(str(folder))
+        ours_model = str(folder)
+        fp32_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     del base
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MODELPRESS_PROGRESS": "0"}
     rows = [{"tool": "baseline fp32", "job": "-", "perplexity": base_ppl}]
@@ -85,7 +97,7 @@ def main() -> None:
         bits, group = map(int, job.split(":"))
         name = f"gptq-w{bits}" + (f"-g{group}" if group else "")
         out, pj = work / name, work / f"peer-{name}.json"
-        ours_cmd = [sys.executable, "-m", "modelpress.cli.main", "--quiet", "compress", "--model", str(gguf),
+        ours_cmd = [sys.executable, "-m", "modelpress.cli.main", "--quiet", "compress", "--model", ours_model, *args.ours_extra,
                     "--recipe", name, "--calib", str(work / "tokens.safetensors"), "--calib-samples",
                     str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len), "--output", str(out)]
         peer_cmd = [args.peer_python, str(HERE / "peers/llmc_gptq.py"), "--model-dir", str(gguf.parent),
@@ -103,7 +115,7 @@ def main() -> None:
         ours = mp.load(str(out))
         with cached_dequant():
             p = perplexity(ours.module, ev, args.eval_seq_len).perplexity
-        rows.append({"tool": "modelpress", "job": name, "perplexity": p, "compress_s": rep["compress_s"],
+        rows.append({"tool": " ".join(["modelpress", *args.ours_extra]), "job": name, "perplexity": p, "compress_s": rep["compress_s"],
                      "compress_cpu_s": rep.get("compress_cpu_s"), "process_wall_s": wall, "process_cpu_s": cpu,
                      "peak_rss_bytes": rss})
         print(json.dumps(rows[-1]), flush=True)
@@ -117,20 +129,25 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     for r in rows:
         r["delta_ppl_pct"] = 100 * (r["perplexity"] - base_ppl) / base_ppl
-    meta = vars(args) | {"model": str(gguf.name), "torch": torch.__version__, "cpus": os.cpu_count()}
+    meta = vars(args) | {"model": str(gguf.name), "torch": torch.__version__, "cpus": os.cpu_count(),
+                         "fp32_bytes": fp32_bytes}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     md = [f"# GPTQ: modelpress vs llm-compressor on {gguf.name}", "",
           f"calibration {args.calib_samples} x {args.calib_seq_len} C4 tokens (identical ids for both); "
           f"eval first {args.eval_tokens} WikiText-2 tokens in {args.eval_seq_len}-token windows; {args.threads} threads"
           f"{' each, both tools running at the same time' if args.concurrent else ''}. CPU s = user + system of all "
-          "threads (what the work costs, robust to other load); wall s depends on the machine's load.", "",
-          "| tool | job | PPL | ΔPPL | compress wall s | compress CPU s | process wall s | process CPU s | peak RSS MB |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "threads (what the work costs, robust to other load); wall s depends on the machine's load. "
+          f"Ours reads the {args.ours_source}{(' with ' + ' '.join(args.ours_extra)) if args.ours_extra else ''}; the peer "
+          f"the GGUF; fp32 model {fp32_bytes / 1e6:.0f} MB.", "",
+          "| tool | job | PPL | ΔPPL | compress wall s | compress CPU s | process wall s | process CPU s | peak RSS MB | "
+          "peak RSS / fp32 |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        rss = r.get('peak_rss_bytes', 0)
         md.append(f"| {r['tool']} | {r['job']} | {r['perplexity']:.3f} | {r['delta_ppl_pct']:+.2f}% | "
                   f"{r.get('compress_s', 0):.1f} | {r.get('compress_cpu_s') or 0:.1f} | {r.get('process_wall_s', 0):.1f} | "
-                  f"{r.get('process_cpu_s', 0):.1f} | {r.get('peak_rss_bytes', 0) / 2**20:.0f} |")
+                  f"{r.get('process_cpu_s', 0):.1f} | {rss / 2**20:.0f} | {rss / fp32_bytes:.2f}x |")
     Path(args.out + ".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
