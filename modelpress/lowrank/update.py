@@ -19,6 +19,7 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
+from pydantic import Field
 
 from ..calib.blocks import BlockInputs, last_module
 from ..calib.capture import capture_inputs
@@ -80,6 +81,8 @@ class SVDLLMUpdateConfig(SVDLLMConfig):
     """
 
     method: Literal["svdllm-update"] = "svdllm-update"  # type: ignore[assignment]
+    refit_dampening: float = Field(1e-8, ge=0, lt=1, description="ridge term of the refit, as a fraction of the "
+                                                                 "mean diagonal of A G A^T")
 
 
 class _Moments:
@@ -155,10 +158,11 @@ class SVDLLMUpdateStage:
             rank = rank_rule(self.cfg, name, tuple(W.shape), self.planned)
             f = whitened_factor(W, Gc, rank, self.cfg.dampening)
             before = anchored_rel_error(Wf, f.B @ f.A, Gf, C, Gc)
-            B = refit_left(Wf, f.A, C, Gc)
+            B = refit_left(Wf, f.A, C, Gc, self.cfg.refit_dampening)
             after = anchored_rel_error(Wf, B @ f.A, Gf, C, Gc)
-            notes = f.notes + [f"closed-form update: output error vs the float layer {before:.4g} -> {after:.4g}"]
-            install_factors(lm, name, module, W, Factors(B, f.A, f.sigma, notes), self.cfg.method, ctx, after)
+            install_factors(lm, name, module, W, Factors(B, f.A, f.sigma, f.notes), self.cfg.method, ctx, after)
+            ctx.layers[-1].notes.append(f"closed-form update: output error vs the float layer on the float stream "
+                                        f"{before:.4g} -> {after:.4g}")
 
 
 def svdllm_update_stage(lm: LoadedModel, cfg: SVDLLMUpdateConfig) -> SVDLLMUpdateStage:
