@@ -10,6 +10,11 @@ Feature:
     ``cosine``: DistilBERT's cosine embedding loss on the last hidden states.
 Relation (Park et al. 2019, RKD): ``rkd-distance`` and ``rkd-angle`` between examples of a batch.
 Sentence embeddings: ``embedding-mse`` (a sentence-transformers student mimics its teacher).
+Task (no teacher): ``pair-cosine``, sentence-transformers' CosineSimilarityLoss on sentence pairs
+(:class:`~.data.SentencePairs`), so a training stage can fine-tune an encoder on a labelled task.
+
+A loss that reads no teacher output says so with ``reads_teacher = False``: a stage whose losses
+all say so runs without the float reference.
 
 Every loss averages over the real tokens (``attention_mask``) and returns a scalar.
 
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import torch.nn as nn
@@ -53,26 +58,32 @@ class Outputs:
 @dataclass
 class Batch:
     """Token ids (B, T), the mask of real tokens (B, T) and hard labels (B, T) aligned with the logits
-    (position t's target; -100: not scored). Without labels a causal LM's targets are the next tokens."""
+    (position t's target; -100: not scored). Without labels a causal LM's targets are the next tokens.
+    ``targets``: one float per example of a task loss, not per token (a sentence pair's similarity,
+    (B / 2,) for the pair layout of :class:`~.data.SentencePairs`)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    targets: torch.Tensor | None = None
 
     def mask(self) -> torch.Tensor:
         return self.attention_mask.bool() if self.attention_mask is not None else torch.ones_like(self.input_ids, dtype=torch.bool)
 
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Batch(self.input_ids.to(device), move(self.attention_mask), move(self.labels), self.extra)
+        return Batch(self.input_ids.to(device), move(self.attention_mask), move(self.labels), self.extra,
+                     move(self.targets))
 
 
 class LossConfig(Config, ABC):
-    """Base of every distillation loss: a type tag and its weight in a mix."""
+    """Base of every distillation loss: a type tag and its weight in a mix; ``reads_teacher``
+    False for a loss computed from the student and the batch alone (hard labels, task targets)."""
 
     type: str
     weight: float = Field(1.0, ge=0)
+    reads_teacher: ClassVar[bool] = True
 
     def build(self, student_dims: dict[str, int], teacher_dims: dict[str, int]) -> "LossModule":
         """The loss as a module (it may own learned parameters, e.g. a projection)."""
@@ -182,6 +193,7 @@ class CELoss(LossConfig):
     """Hard-label cross-entropy alone (the no-teacher baseline, or a term in a mix)."""
 
     type: Literal["ce"] = "ce"
+    reads_teacher: ClassVar[bool] = False
 
     def compute(self, s: Outputs, t: Outputs, batch: Batch, module: LossModule) -> torch.Tensor:
         return hard_ce(s.logits, batch)
@@ -324,6 +336,31 @@ class EmbeddingMSELoss(LossConfig):
         return F.mse_loss(es, pooled(t, batch))
 
 
+# ---- task losses (no teacher) --------------------------------------------------------------------
+@LOSSES.register("pair-cosine")
+class PairCosineLoss(LossConfig):
+    """sentence-transformers' CosineSimilarityLoss: ``MSE(cos(u_i, v_i), y_i)`` over the pairs of a
+    batch, with ``u``, ``v`` the mean-pooled embeddings of the two sentences and ``y`` the pair's
+    target (STS-B: gold score / 5). The batch holds the pairs' first sentences in its first half and
+    their second sentences in its second half (:class:`~.data.SentencePairs`), so each sentence is
+    encoded on its own (a bi-encoder), and ``batch.targets`` (B / 2,) the targets.
+
+    Example:
+        >>> mixed_loss([{"type": "pair-cosine"}])  # doctest: +SKIP
+    """
+
+    type: Literal["pair-cosine"] = "pair-cosine"
+    reads_teacher: ClassVar[bool] = False
+
+    def compute(self, s: Outputs, t: Outputs, batch: Batch, module: LossModule) -> torch.Tensor:
+        if batch.targets is None or 2 * len(batch.targets) != len(batch.input_ids):
+            raise ModelpressError("pair-cosine needs sentence pairs: a batch of 2P sentences (first sentences, then "
+                                  "second ones) with P targets (train on modelpress.distill.data.SentencePairs)")
+        e = pooled(s, batch)  # (2P, D)
+        u, v = e.chunk(2)  # (P, D) each
+        return F.mse_loss(F.cosine_similarity(u, v, dim=-1), batch.targets.float())
+
+
 # ---- mixing --------------------------------------------------------------------------------------
 class MixedLoss(nn.Module):
     """``sum(weight_i * loss_i)`` over built losses; ``parts`` keeps the last value of each term."""
@@ -358,6 +395,7 @@ def needs(configs: list[LossConfig]) -> dict[str, bool]:
     """Which teacher/student outputs the losses read (so nothing else is computed or cached)."""
     types = {c.type for c in configs}
     return {"logits": bool(types & {"kd", "ce"}), "hidden_states": bool(types & {"hidden", "cosine", "rkd-distance",
-                                                                                  "rkd-angle", "embedding-mse"}),
+                                                                                  "rkd-angle", "embedding-mse",
+                                                                                  "pair-cosine"}),
             "attentions": "attention" in types}
 

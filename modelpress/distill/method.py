@@ -125,7 +125,7 @@ def run_distill(lm: LoadedModel, cfg: DistillConfig, ctx: StageContext) -> None:
         cache = TopKCache.build(teacher, data.input_ids, data.attention_mask, cfg.teacher_top_k,
                                 _folder(ctx), sig | {"digest": _ids_digest(data.input_ids)})
 
-    teacher_used = any(c.type != "ce" for c in losses)  # hard labels alone: no teacher pass to pay
+    teacher_used = any(c.reads_teacher for c in losses)  # hard labels alone: no teacher pass to pay
 
     def step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
         if cfg.on_policy is not None:

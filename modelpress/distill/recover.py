@@ -62,8 +62,9 @@ class _StudentAndLoss(nn.Module):
 
 
 def uses_teacher(losses: Any) -> bool:
-    """Whether the losses read the teacher (hard labels alone do not: no float reference needed)."""
-    return losses == "auto" or any(c.type != "ce" for c in losses)
+    """Whether the losses read the teacher (hard labels or a task loss alone do not: no float
+    reference needed)."""
+    return losses == "auto" or any(c.reads_teacher for c in losses)
 
 
 def train_against_reference(lm: LoadedModel, ctx: StageContext, losses: Any, train: TrainConfig, *,
