@@ -160,6 +160,41 @@ def test_rewound_ticket_holds_the_step_k_weights_on_its_survivors(tmp_path):
     assert not torch.equal(at_k[norm], trained[norm])
 
 
+def retraining_start(base, stage, data):
+    """Every parameter, and every pruned layer's mask, at the first forward of the retraining phase
+    (the first forward that meets a SparseLayer)."""
+    lm = mp.load(copy.deepcopy(base))
+    seen = {}
+
+    def first_forward(module, args):
+        masks = {n: m.mask.clone() for n, m in module.named_modules() if isinstance(m, SparseLayer)}
+        if masks and not seen:
+            seen.update(masks=masks, params={n: p.detach().clone() for n, p in module.named_parameters()})
+
+    lm.module.register_forward_pre_hook(first_forward)
+    mp.compress(lm, {"stages": [stage]}, calib=data, progress=False)
+    return seen["masks"], seen["params"]
+
+
+def test_random_reinit_control_holds_a_fresh_init_under_the_tickets_masks():
+    from modelpress.models.initialise import random_init_
+
+    base, data = make_tiny_llama(seed=10, layers=1), ids()
+    t_masks, ticket = retraining_start(base, LOTTERY, data)
+    c_masks, control = retraining_start(base, {**LOTTERY, "reinit": True, "reinit_seed": 5}, data)
+    fresh = {n: p.detach() for n, p in random_init_(copy.deepcopy(base), 5).named_parameters()}
+    assert len(t_masks) == 7 and t_masks.keys() == c_masks.keys()
+    for n, mask in t_masks.items():
+        w, w_ticket = control[f"{n}.weight"], ticket[f"{n}.weight"]
+        assert torch.equal(c_masks[n], mask), n  # the identical mask
+        torch.testing.assert_close(w[mask], fresh[f"{n}.weight"][mask], rtol=0, atol=0)
+        assert not w[~mask].any(), n
+        assert not torch.equal(w[mask], w_ticket[mask]), n  # not the ticket's step-k values
+        assert not torch.equal(w[mask], base.get_parameter(f"{n}.weight")[mask]), n  # nor the original init
+    emb = "model.embed_tokens.weight"  # the unpruned parameters are drawn afresh too
+    assert torch.equal(control[emb], fresh[emb]) and not torch.equal(ticket[emb], fresh[emb])
+
+
 def test_rewind_beyond_the_run_is_refused_at_load():
     with pytest.raises(ModelpressError, match="stages\\[0\\].*rewind_step 9 is beyond the training run before "
                                               "pruning: 5 of 10 steps"):

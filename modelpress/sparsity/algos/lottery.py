@@ -9,14 +9,24 @@
    schedule).
 
 ``k = 0`` is the original lottery ticket (rewind to the starting weights); a small ``k`` is the
-rewinding that Frankle et al. (2020) found stable for larger networks. Both phases train against
-the float reference (:mod:`modelpress.distill.recover`). A killed run resumes in either phase: the
-rewind point rides in phase 1's checkpoint, and the ticket is written before phase 2 starts.
+rewinding that Frankle et al. (2020) found stable for larger networks. ``reinit: true`` is the
+paper's control: step 4 gives every parameter a fresh random draw from the model's own initialiser
+(seeded by ``reinit_seed``) instead of its step-``k`` value, under the identical masks, and step 5
+is unchanged; the ticket should beat it. Both phases train against the float reference
+(:mod:`modelpress.distill.recover`), or on hard labels alone with ``losses: [{type: ce}]`` (no
+teacher: training from scratch). A killed run resumes in either phase: the rewind point rides in
+phase 1's checkpoint, and the ticket is written before phase 2 starts.
 
 Example recipe::
 
     stages:
       - {method: lottery, sparsity: 0.8, rewind_step: 20, prune_at: 0.5, train: {steps: 400, batch_size: 8}}
+
+Its control, run separately from the same starting model (identical masks, fresh weights)::
+
+    stages:
+      - {method: lottery, sparsity: 0.8, rewind_step: 20, prune_at: 0.5, reinit: true, reinit_seed: 1,
+         train: {steps: 400, batch_size: 8}}
 """
 from __future__ import annotations
 
@@ -33,6 +43,7 @@ from ...core.method import METHODS, MethodEntry, StageContext, StageKind
 from ...distill.recover import (Losses, stage_folder, stage_signature, train_against_reference, train_metrics,
                                 training_data, uses_teacher)
 from ...distill.trainer import TrainConfig, TrainResult
+from ...models.initialise import random_init_
 from ...models.loading import LoadedModel
 from ..apply import install_pruned
 from ..config import PruneConfig
@@ -51,6 +62,8 @@ class LotteryConfig(PruneConfig):
     per_output: bool = Field(False, description="unstructured: compare within each output row instead of the layer")
     rewind_step: int = Field(0, ge=0, description="k: the step whose weights the ticket rewinds to")
     prune_at: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of the steps trained before pruning")
+    reinit: bool = Field(False, description="the control: survivors get a fresh random init, not their step-k values")
+    reinit_seed: int = Field(0, ge=0, description="seed of the fresh init with reinit (not the model's own seed)")
     losses: Losses = "auto"
     train: TrainConfig = TrainConfig(steps=400, batch_size=8, lr=2e-4)
 
@@ -119,11 +132,15 @@ def magnitude_masks(layers: dict[str, nn.Module], cfg: LotteryConfig) -> dict[st
 @torch.no_grad()
 def rewind(lm: LoadedModel, cfg: LotteryConfig, saved: dict[str, torch.Tensor],
            masks: dict[str, torch.Tensor]) -> dict[str, SparseLayer]:
-    """The ticket: every parameter back to its recorded value, the selected layers as SparseLayers
-    holding the recorded weight on ``masks`` and exactly zero elsewhere."""
-    params = dict(lm.module.named_parameters())
-    for n, v in saved.items():
-        params[n].copy_(v)
+    """The ticket: every parameter back to its recorded value (with ``reinit``: a fresh seeded draw
+    from the model's initialiser instead), the selected layers as SparseLayers holding that weight
+    on ``masks`` and exactly zero elsewhere."""
+    if cfg.reinit:
+        random_init_(lm.module, cfg.reinit_seed)
+    else:
+        params = dict(lm.module.named_parameters())
+        for n, v in saved.items():
+            params[n].copy_(v)
     layers = dict(magnitude_layers(lm, cfg))
     return {n: install_pruned(lm.module, n, m, dense_weight(m, n)[0], masks[n], cfg.pattern, "bitmask")
             for n, m in layers.items()}
@@ -151,9 +168,11 @@ def run_lottery(lm: LoadedModel, cfg: LotteryConfig, ctx: StageContext) -> None:
     layers = rewind(lm, cfg, ticket["saved"], ticket["masks"])
     second = train_against_reference(lm, ctx, cfg.losses, _steps(cfg.train, after), name=f"{cfg.method}-retrain",
                                      signature={**sig, "phase": "retrain"}, folder=_sub(base, "retrain"))
-    train_metrics(cfg.method, _joined(first, second), ctx, rewind_step=cfg.rewind_step, prune_step=before)
-    finish_layers(lm, cfg, layers, ctx, f"lottery ticket: pruned after {before} steps, rewound to step "
-                                        f"{cfg.rewind_step}, retrained {after} steps")
+    train_metrics(cfg.method, _joined(first, second), ctx, rewind_step=cfg.rewind_step, prune_step=before,
+                  reinit=cfg.reinit)
+    start = f"re-initialised (seed {cfg.reinit_seed})" if cfg.reinit else f"rewound to step {cfg.rewind_step}"
+    finish_layers(lm, cfg, layers, ctx, f"lottery {'control' if cfg.reinit else 'ticket'}: pruned after {before} "
+                                        f"steps, {start}, retrained {after} steps")
     if base is not None:
         (base / "ticket.pt").unlink(missing_ok=True)
 
