@@ -12,7 +12,7 @@ from modelpress.models.initialise import random_init_
 def test_a_loaded_model_is_drawn_afresh_and_the_draw_depends_only_on_the_seed(tiny_llama_dir):
     loaded = {n: p.detach().clone() for n, p in mp.load(str(tiny_llama_dir)).module.named_parameters()}
     state = torch.random.get_rng_state()
-    a = dict(random_init_(mp.load(str(tiny_llama_dir)).module, seed=3).named_parameters())
+    a = {n: p.detach() for n, p in random_init_(mp.load(str(tiny_llama_dir)).module, seed=3).named_parameters()}
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random state is untouched
     b = dict(random_init_(mp.load(str(tiny_llama_dir)).module, seed=3).named_parameters())
     c = dict(random_init_(mp.load(str(tiny_llama_dir)).module, seed=4).named_parameters())
