@@ -37,14 +37,6 @@ TRAIN = TrainData((torch.arange(16 * 32).view(16, 32) % 7 + 10) * 3)
 BASES = {"nf4": "qlora-nf4", "gptq": "gptq-w4-g64", "awq": "awq-w4-g64", "hqq": "hqq-w4-g64"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def fp32():
     return make_tiny_llama(layers=2, hidden=64, inter=128)

@@ -19,14 +19,6 @@ IDS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
 CALIB = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def base():
     return make_tiny_llama(layers=2, hidden=64, inter=128)

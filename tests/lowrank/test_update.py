@@ -18,14 +18,6 @@ from tests.conftest import make_tiny_llama
 CALIB = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_refit_is_the_least_squares_solution_and_never_raises_the_anchored_error():
     g = torch.Generator().manual_seed(0)
     Xf = torch.randn(200, 12, generator=g, dtype=torch.float64)
