@@ -88,7 +88,7 @@ def open_storage(url: str, heartbeat_s: int = 30) -> Any:
         import optuna
     except ImportError:
         raise ModelpressError("modelpress search needs optuna: pip install 'modelpress[search]'") from None
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     if url.startswith("sqlite:///") and not url.startswith("sqlite:////:memory:"):
         folder = Path(url.removeprefix("sqlite:///")).parent
@@ -100,8 +100,9 @@ def open_storage(url: str, heartbeat_s: int = 30) -> Any:
     cause = ""
     for attempt in range(1, STORAGE_ATTEMPTS + 1):
         try:
-            return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
+            return _storage_class()(url, engine_kwargs=engine, heartbeat_interval=heartbeat_s,
+                                    grace_period=2 * heartbeat_s,
+                                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
         except Exception as e:  # noqa: BLE001  -- SQLAlchemy and drivers raise many types; all mean "cannot open"
             cause = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             # two workers creating a fresh database's tables at once: the loser retries and finds them
@@ -109,6 +110,40 @@ def open_storage(url: str, heartbeat_s: int = 30) -> Any:
                 break
             time.sleep(0.5 * attempt)
     raise ModelpressError(f"cannot open search storage {safe_url(url)}: {cause}")
+
+
+def _storage_class() -> type:
+    """Optuna's RDB storage, except that a running trial that never wrote a heartbeat also goes stale.
+
+    Optuna creates a trial (state RUNNING) before its heartbeat thread writes the first beat, and
+    counts a running trial without any beat as alive for ever. A worker killed in that window would
+    leave a trial that blocks the study's last slot (``complete + running >= trials``) and any later
+    trial with the same parameters (which waits for its running twin): the resumed search would hang.
+    Such a trial is stale once it has been running for the grace period with no beat."""
+    import datetime
+
+    from optuna.storages import RDBStorage
+    from optuna.storages._rdb import models  # optuna's own table classes: a private module
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from optuna.trial import TrialState
+    from sqlalchemy import orm
+
+    class Storage(RDBStorage):
+        def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+            stale = list(super()._get_stale_trial_ids(study_id))
+            grace = datetime.timedelta(seconds=self.grace_period or 2 * (self.heartbeat_interval or 0))
+            now = datetime.datetime.now()  # optuna stamps datetime_start with the local clock, not the database's
+            with _create_scoped_session(self.scoped_session, True) as session:
+                running = (session.query(models.TrialModel)
+                           .options(orm.selectinload(models.TrialModel.heartbeats))
+                           .filter(models.TrialModel.state == TrialState.RUNNING)
+                           .filter(models.TrialModel.study_id == study_id).all())
+                for t in running:
+                    if not t.heartbeats and t.datetime_start is not None and now - t.datetime_start > grace:
+                        stale.append(t.trial_id)
+            return stale
+
+    return Storage
 
 
 def open_study(cfg: SearchConfig) -> Any:
@@ -135,12 +170,17 @@ def open_study(cfg: SearchConfig) -> Any:
 
 def _counts(study: Any) -> Counter:
     """Trials by state; a complete trial that reused another's numbers counts as REUSED, not COMPLETE."""
+    _fail_stale(study)
+    return Counter("REUSED" if "reused_from" in t.user_attrs else t.state.name for t in study.get_trials(deepcopy=False))
+
+
+def _fail_stale(study: Any) -> None:
+    """Dead workers' trials -> FAIL, and their parameters queued again."""
     from optuna.storages import fail_stale_trials
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=_experimental())
-        fail_stale_trials(study)  # dead workers' trials -> FAIL, and their parameters queued again
-    return Counter("REUSED" if "reused_from" in t.user_attrs else t.state.name for t in study.get_trials(deepcopy=False))
+        fail_stale_trials(study)
 
 
 def _experimental() -> type[Warning]:
@@ -184,6 +224,7 @@ def _measured_twin(trial: Any, poll_s: float) -> Any:
         if done is not None or not any(t.state.name == "RUNNING" and t.number < trial.number for t in same):
             return done
         time.sleep(poll_s)
+        _fail_stale(trial.study)  # a twin whose worker died is never going to end: fail it, do not wait for ever
 
 
 def trial_folder(out: Path, number: int) -> Path:

@@ -158,6 +158,56 @@ def test_parallel_workers_share_one_study(tiny_llama_dir: Path, tiny_text_file: 
     assert not [t for t in trials if t.state.name == "RUNNING"]
 
 
+def _dead_worker_study(tmp_path: Path) -> object:
+    """A study on a storage with a 1 s heartbeat (stale after 2 s), as a search worker opens it."""
+    from modelpress.search.optuna_search import open_storage
+
+    return optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'dead.db'}", heartbeat_s=1),
+                               study_name="s", directions=["minimize"] * len(OBJECTIVES))
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_running_trial_killed_before_its_first_heartbeat_goes_stale(tmp_path: Path) -> None:
+    """Optuna writes a trial's first beat only after creating it RUNNING; a worker killed in between left a
+    trial that optuna deems alive for ever, and the resumed search slept on it until CI's timeout."""
+    from modelpress.search.optuna_search import _counts
+
+    study = _dead_worker_study(tmp_path)
+    trial = study.ask()
+    trial.suggest_categorical("bits", [2, 3])  # the worker died here: no heartbeat was ever written
+    assert _counts(study)["RUNNING"] == 1  # not yet past the grace period: alive
+    time.sleep(2.5)
+    states = _counts(study)
+    assert states["FAIL"] == 1 and states["RUNNING"] == 0
+    retry = [t for t in study.get_trials(deepcopy=False) if t.system_attrs.get("failed_trial") == trial.number]
+    assert retry and retry[0].state.name == "WAITING"  # its parameters queued again, as for a missed beat
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_twin_whose_worker_died_is_not_waited_for_for_ever(tmp_path: Path) -> None:
+    """A trial drawing the parameters of an earlier trial that is RUNNING waits for its numbers; when that
+    earlier trial's worker is dead the wait must end once its heartbeat is stale."""
+    import threading
+
+    from modelpress.search.optuna_search import _measured_twin
+
+    study = _dead_worker_study(tmp_path)
+    dead = study.ask()
+    dead.suggest_categorical("bits", [2, 3])
+    study._storage.record_heartbeat(dead._trial_id)  # it beat once, then its process was killed
+    study.enqueue_trial(dead.params)
+    later = study.ask()
+    later.suggest_categorical("bits", [2, 3])
+    assert later.params == dead.params
+    got: list = []
+    waiter = threading.Thread(target=lambda: got.append(_measured_twin(later, 0.2)), daemon=True)
+    waiter.start()
+    waiter.join(timeout=30)
+    assert not waiter.is_alive(), "the wait for a dead twin never ended"
+    assert got == [None]  # nothing measured: the later trial compresses the recipe itself
+    assert study.trials[dead.number].state.name == "FAIL"
+
+
 @pytest.mark.parametrize("url,needle", [
     ("sqlite:////nonexistent-dir-mp/sub/study.db", "folder /nonexistent-dir-mp/sub does not exist"),
     ("nosuchdialect://user:secret@host/db", "nosuchdialect://user:***@host/db"),
