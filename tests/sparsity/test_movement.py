@@ -14,7 +14,7 @@ from modelpress.core.errors import ModelpressError
 from modelpress.distill.losses import hard_ce
 from modelpress.distill.trainer import TrainConfig, TrainData, Trainer, sample_order
 from modelpress.pipeline.recipe import parse_recipe
-from modelpress.sparsity.algos.movement import MovementConfig, MovementLayer, MovementScores
+from modelpress.sparsity.algos.movement import MovementConfig, MovementLayer, MovementScores, top_v
 from modelpress.sparsity.algos.gradual import sparse_layers
 from modelpress.sparsity.layer import SparseLayer
 from tests.conftest import make_tiny_llama
@@ -123,16 +123,57 @@ def test_soft_scores_get_the_straight_through_gradient():
     torch.testing.assert_close(layer(x), lin.bias.detach().expand(5, 3))
 
 
-@pytest.mark.parametrize("variant", ["hard", "soft"])
+def test_hard_learned_scores_get_the_straight_through_gradient_pruned_weights_included():
+    """Sanh et al.'s hard movement: y = x (W * TopV(S))^T + b, dL/dS = dL/dW' * W for every weight, so the
+    score of a weight the top-v mask drops still moves (and the weight can come back)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 4)
+    layer = MovementLayer(SparseLayer.from_module(lin, torch.ones(4, 8, dtype=torch.bool)), init=0.0, scale=3.0,
+                          rule="topv")
+    with torch.no_grad():
+        layer.raw.copy_(torch.randn(4, 8))
+    layer.sparsity = 0.5
+    x, gy = torch.randn(5, 8), torch.randn(5, 4)
+    (layer(x) * gy).sum().backward()
+    w, s = lin.weight.detach(), layer.scores().detach()
+    keep = s.flatten() > s.flatten().kthvalue(16).values  # above the 16th lowest: the 16 highest of 32
+    assert torch.equal(layer.keep().flatten(), keep)
+    torch.testing.assert_close(layer(x), x @ (w * keep.view(4, 8)).t() + lin.bias.detach())
+    g_w_eff = gy.t() @ x
+    torch.testing.assert_close(layer.raw.grad, 3.0 * g_w_eff * w, rtol=1e-5, atol=1e-6)
+    assert (layer.raw.grad.flatten()[~keep] != 0).all()  # pruned weights' scores move too
+    pruned = int((~keep).nonzero()[0])
+    with torch.no_grad():  # its score climbs above every other: it comes back with its old value
+        layer.raw.view(-1)[pruned] = 100.0
+    assert layer.keep().flatten()[pruned] and int(layer.keep().sum()) == 16
+
+
+def test_top_v_keeps_exactly_the_highest_per_layer_or_per_row():
+    s = torch.randn(6, 10, generator=torch.Generator().manual_seed(1))
+    for sparsity in (0.0, 0.3, 0.9, 1.0):
+        m = top_v(s, sparsity)
+        assert int(m.sum()) == 60 - round(sparsity * 60)
+        if 0 < int(m.sum()) < 60:
+            assert s[m].min() > s[~m].max()
+        r = top_v(s, sparsity, per_output=True)
+        assert (r.sum(1) == 10 - round(sparsity * 10)).all()
+        for i in range(6):
+            if 0 < int(r[i].sum()) < 10:
+                assert s[i][r[i]].min() > s[i][~r[i]].max()
+
+
+@pytest.mark.parametrize("variant", ["hard", "hard-learned", "soft"])
 def test_stage_result_is_sparse_layer_pruning_that_saves_and_reloads(tmp_path, variant):
     lm = mp.load(make_tiny_llama(seed=6, layers=1))
-    stage = {"method": "movement", "variant": variant, "sparsity": 0.6, "losses": [{"type": "ce"}],
+    stage = {"method": "movement", "variant": variant.split("-")[0], "sparsity": 0.6, "losses": [{"type": "ce"}],
              "schedule": {"start": 0.25, "every": 2}, "regularization": 50.0, "score_lr": 0.5,
              "train": {"steps": 8, "batch_size": 4, "lr": 1e-3}}
+    if variant == "hard-learned":
+        stage["scores"] = "learned"
     mp.compress(lm, {"stages": [stage]}, calib=ids(), progress=False)
     sparse = [m for m in lm.module.modules() if isinstance(m, SparseLayer)]
     assert len(sparse) == 7 and not any(isinstance(m, MovementLayer) for m in lm.module.modules())
-    if variant == "hard":
+    if variant.startswith("hard"):
         assert all(int((~m.mask).sum()) == round(0.6 * m.mask.numel()) for m in sparse)
     else:  # the penalty pushed some scores under the threshold
         assert sum(int((~m.mask).sum()) for m in sparse) > 0
@@ -147,6 +188,8 @@ def test_stage_result_is_sparse_layer_pruning_that_saves_and_reloads(tmp_path, v
     ({"schedule": {"initial": 0.2}}, "scores not yet accumulated"),
     ({"variant": "soft", "pattern": "8x8", "sparsity": 0.5}, "unstructured"),
     ({"threshold": 1.5}, "threshold"),
+    ({"scores": "learned", "scope": "global"}, "layer scope only"),
+    ({"scores": "learned", "pattern": "2:4", "sparsity": 0.5}, "unstructured"),
 ])
 def test_bad_movement_configs_are_refused_at_load(stage, needle):
     with pytest.raises(ModelpressError, match="stages\\[0\\]") as e:

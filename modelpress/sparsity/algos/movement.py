@@ -7,9 +7,13 @@ from zero. The first-order importance of weight ``W_ij`` accumulated over the op
 
 (positive when the update grows ``|W_ij|``).
 
-* ``variant: hard``: ``S`` accumulates in a training hook from each step's gradients, and the masks
-  keep the top-scored weights at the cubic schedule's sparsity (:mod:`.gradual`), monotone: a pruned
-  weight is zero, so its score stops moving and it stays pruned.
+* ``variant: hard`` keeps the top-scored weights at the cubic schedule's sparsity (:mod:`.gradual`).
+  With ``scores: learned`` (the paper's form) ``S`` is a parameter trained with Adam at ``score_lr``;
+  each layer computes with ``W * TopV(S)``, the straight-through estimator passing
+  ``dL/dS = dL/dW' * W`` for *every* weight, pruned ones included, so a pruned weight whose score
+  climbs back comes back (with the value it had). With ``scores: accumulated`` ``S`` is the raw sum
+  above, gathered in a training hook from each step's weight gradients; a pruned weight's gradient
+  is zero, so its score stops moving and the masks only tighten.
 * ``variant: soft``: ``S`` is learned. Each layer computes with ``W * (sigmoid(S) > tau)``, the
   straight-through estimator passing ``dL/dmask = dL/dW' * W`` to ``S`` (so ``S`` follows the same
   ``-W * grad`` direction), the threshold ``tau`` rises along the cubic schedule to ``threshold``,
@@ -53,7 +57,10 @@ class MovementConfig(PruneConfig):
     threshold: float = Field(0.1, gt=0.0, lt=1.0, description="soft: final tau on sigmoid(S)")
     regularization: float = Field(1.0, ge=0.0, description="soft: weight of mean(sigmoid(S)) in the loss")
     score_init: float = Field(0.0, description="soft: initial S (sigmoid(0) = 0.5 keeps every weight)")
-    score_lr: float = Field(1e-2, gt=0.0, description="soft: learning rate of the scores")
+    score_lr: float = Field(1e-2, gt=0.0, description="soft, hard with learned scores: learning rate of the scores")
+    scores: Literal["accumulated", "learned"] = Field(
+        "accumulated", description="hard: S summed from -W*dL/dW (masks only tighten) or learned with Adam through "
+                                   "a straight-through top-v (the paper's; pruned weights can return)")
     losses: Losses = "auto"
     train: TrainConfig = TrainConfig(steps=400, batch_size=8, lr=2e-4)
 
@@ -65,7 +72,15 @@ class MovementConfig(PruneConfig):
                              "accumulated: set schedule.start > 0 or initial 0")
         if self.variant == "soft" and (not isinstance(self.pattern, Unstructured) or self.scope == "global"):
             raise ValueError("the soft variant thresholds each weight's own score: unstructured, layer scope only")
+        if self.learned and (not isinstance(self.pattern, Unstructured) or self.scope == "global"):
+            raise ValueError("learned hard scores pick the top-v weights of each layer (or row): unstructured, "
+                             "layer scope only")
         return self
+
+    @property
+    def learned(self) -> bool:
+        """Whether the scores are parameters trained through a straight-through mask."""
+        return self.variant == "soft" or self.scores == "learned"
 
 
 # ---- hard: scores accumulated in a hook -----------------------------------------------------------
@@ -108,42 +123,82 @@ class _ThresholdSTE(torch.autograd.Function):
         return grad, None
 
 
-class MovementLayer(nn.Module):
-    """Training-time form of a SparseLayer under soft movement pruning: computes with
-    ``W * mask * (sigmoid(S) > tau)``; ``S = scale * raw`` so the scores learn at ``scale`` times the
-    weights' rate under Adam (whose step does not depend on the gradient's size)."""
+class _TopVSTE(torch.autograd.Function):
+    """The top ``1 - sparsity`` scores (of the whole layer, or of each row) forward; the gradient passes
+    straight through to ``S``."""
 
-    def __init__(self, layer: SparseLayer, init: float, scale: float) -> None:
+    @staticmethod
+    def forward(ctx: Any, scores: torch.Tensor, sparsity: float, per_output: bool) -> torch.Tensor:
+        return top_v(scores, sparsity, per_output).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return grad, None, None
+
+
+def top_v(scores: torch.Tensor, sparsity: float, per_output: bool = False) -> torch.Tensor:
+    """Boolean mask of the ``round((1 - sparsity) * n)`` highest scores (per row with ``per_output``)."""
+    flat = scores.detach().reshape(scores.shape[0], -1) if per_output else scores.detach().reshape(1, -1)
+    k = flat.shape[1] - round(sparsity * flat.shape[1])
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    if k > 0:
+        keep.scatter_(1, flat.topk(k, dim=1).indices, True)
+    return keep.reshape(scores.shape)
+
+
+class MovementLayer(nn.Module):
+    """Training-time form of a SparseLayer with learned movement scores: computes with
+    ``W * mask * M(S)``, ``M`` the soft threshold ``sigmoid(S) > tau`` or the hard top-v at ``sparsity``
+    (``rule``); ``S = scale * raw`` so the scores learn at ``scale`` times the weights' rate under Adam
+    (whose step does not depend on the gradient's size)."""
+
+    def __init__(self, layer: SparseLayer, init: float, scale: float, rule: str = "threshold",
+                 per_output: bool = False) -> None:
         super().__init__()
         if layer.kind == "conv2d":
-            raise ModelpressError("soft movement pruning takes linear layers, not Conv2d")
-        self.inner, self.scale, self.tau = layer, scale, 0.0
+            raise ModelpressError("movement pruning with learned scores takes linear layers, not Conv2d")
+        self.inner, self.scale, self.rule, self.per_output = layer, scale, rule, per_output
+        self.tau, self.sparsity = 0.0, 0.0  # the threshold rule's tau; the top-v rule's sparsity
         self.raw = nn.Parameter(torch.full_like(layer.weight, init / scale, dtype=torch.float32))
 
     def scores(self) -> torch.Tensor:
         return self.raw * self.scale
 
+    def _mask(self, s: torch.Tensor) -> torch.Tensor:
+        if self.rule == "topv":
+            return _TopVSTE.apply(s, self.sparsity, self.per_output)
+        return _ThresholdSTE.apply(s, self.tau)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mask = _ThresholdSTE.apply(self.scores(), self.tau)  # (out, in)
+        mask = self._mask(self.scores())  # (out, in)
         w = (self.inner.effective_weight() * mask).to(x.dtype)
         b = self.inner.bias.to(x.dtype) if self.inner.bias is not None else None
         return F.linear(x, w, b)
 
     def keep(self) -> torch.Tensor:
-        return (torch.sigmoid(self.scores().detach()) > self.tau) & self.inner.mask
+        s = self.scores().detach()
+        mine = top_v(s, self.sparsity, self.per_output) if self.rule == "topv" else torch.sigmoid(s) > self.tau
+        return mine & self.inner.mask
 
 
 class SoftThreshold:
-    """Training hook of soft movement pruning: ``tau`` follows the cubic schedule from 0 to
-    ``threshold`` (the layers' scores are parameters, checkpointed with the model)."""
+    """Training hook of movement pruning with learned scores: the soft rule's ``tau`` follows the cubic
+    schedule from 0 to ``threshold``, the hard top-v rule's sparsity the cubic schedule to the final
+    sparsity (the layers' scores are parameters, checkpointed with the model)."""
 
     def __init__(self, layers: dict[str, MovementLayer], schedule: CubicSchedule, threshold: float,
-                 total: int) -> None:
+                 total: int, final_sparsity: float | None = None) -> None:
         self.layers, self.schedule, self.threshold, self.total = layers, schedule, threshold, total
+        self.final_sparsity = final_sparsity
         self.set(0)
 
     def set(self, step: int) -> None:
         self.step = step
+        if self.final_sparsity is not None:
+            sparsity = self.schedule.sparsity_at(step, self.total, self.final_sparsity)
+            for m in self.layers.values():
+                m.sparsity = sparsity
+            return
         t0, dt, n = self.schedule.steps(self.total)
         last = t0 + min(n, max(0, step - t0) // dt) * dt
         tau = cubic_sparsity(last, final=self.threshold, initial=0.0, start=t0, end=t0 + n * dt)
@@ -163,17 +218,20 @@ class SoftThreshold:
         self.set(int(state["step"]))
 
 
-def _soft(lm: LoadedModel, cfg: MovementConfig, layers: dict[str, SparseLayer], total: int, ctx: StageContext):
-    wrapped = {n: MovementLayer(m, cfg.score_init, cfg.score_lr / cfg.train.lr) for n, m in layers.items()}
+def _learned(lm: LoadedModel, cfg: MovementConfig, layers: dict[str, SparseLayer], total: int, ctx: StageContext):
+    """Train with learned scores: soft (threshold + L1 penalty) or hard (top-v on the cubic schedule)."""
+    hard = cfg.variant == "hard"
+    wrapped = {n: MovementLayer(m, cfg.score_init, cfg.score_lr / cfg.train.lr, "topv" if hard else "threshold",
+                                cfg.per_output) for n, m in layers.items()}
     for n, w in wrapped.items():
         set_submodule(lm.module, n, w)
-    hooks = SoftThreshold(wrapped, cfg.schedule, cfg.threshold, total)
+    hooks = SoftThreshold(wrapped, cfg.schedule, cfg.threshold, total, cfg.target_sparsity() if hard else None)
 
     def penalty() -> torch.Tensor:  # Sanh et al.: L1 of sigmoid(S), averaged per layer then over layers
         return cfg.regularization * torch.stack([torch.sigmoid(w.scores()).mean() for w in wrapped.values()]).mean()
 
     result = train_against_reference(lm, ctx, cfg.losses, cfg.train, name=cfg.method, hooks=hooks,
-                                     regulariser=penalty, signature=stage_signature(cfg, ctx))
+                                     regulariser=None if hard else penalty, signature=stage_signature(cfg, ctx))
     for n, w in wrapped.items():
         w.inner.set_mask(w.keep())
         set_submodule(lm.module, n, w.inner)
@@ -184,8 +242,8 @@ def run_movement(lm: LoadedModel, cfg: MovementConfig, ctx: StageContext) -> Non
     """Train while movement scores decide the masks; the result is SparseLayer pruning."""
     total = budget_steps(cfg.train, int(training_data(ctx, cfg.method).input_ids.shape[1]), cfg.method)
     layers = sparse_layers(lm, cfg)
-    if cfg.variant == "soft":
-        result, _ = _soft(lm, cfg, layers, total, ctx)
+    if cfg.learned:
+        result, _ = _learned(lm, cfg, layers, total, ctx)
     else:
         hooks = MovementScores(layers, cfg.schedule, cfg.target_sparsity(), total, scope=cfg.scope,
                                per_output=cfg.per_output)
