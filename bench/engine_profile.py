@@ -112,14 +112,16 @@ class Counter:
         self.n_blocks, self.n_tokens = len(blocks), n_tokens
         self._refresh()
         self.block_macs = float(n_tokens) * sum(k for _, k in self.roles.values()) + n_tokens * self.core * len(blocks)
-        M.register_module_forward_pre_hook(self._hook)
+        # after the forward, not before: a pass that stops before a layer (its pre-hook raises once the
+        # capture hooks have seen the input) does not run that layer and must not count it
+        M.register_module_forward_hook(self._hook)
 
     def _refresh(self) -> None:
         self.roles = {id(m): (n, m.in_features * m.out_features) for n, m in self.lm.module.named_modules()
                       if n.startswith(self.prefix) and hasattr(m, "in_features") and hasattr(m, "out_features")}
         self.known = {id(m) for m in self.lm.module.modules()}
 
-    def _hook(self, m: Any, args: tuple) -> None:
+    def _hook(self, m: Any, args: tuple, _out: Any = None) -> None:
         if id(m) not in self.known:
             self._refresh()
         if id(m) not in self.roles or not args or not hasattr(args[0], "shape"):
