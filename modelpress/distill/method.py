@@ -64,6 +64,10 @@ def _auto_or_losses(v: Any) -> Any:
         raise nested_error(e) from None
 
 
+#: a stage's losses: "auto" or a list of registered loss configs (validated one by one)
+Losses = Annotated[list[LossField] | Literal["auto"], BeforeValidator(_auto_or_losses)]
+
+
 class DistillConfig(MethodConfig):
     """Knowledge distillation into a student (see the module docstring)."""
 
@@ -71,7 +75,7 @@ class DistillConfig(MethodConfig):
     student: StudentSpec = StudentSpec()
     #: "auto": soft targets with the hard-label mix for a language model, embedding MSE plus the
     #: cosine loss for an encoder (sentence embeddings)
-    losses: Annotated[list[LossField] | Literal["auto"], BeforeValidator(_auto_or_losses)] = "auto"
+    losses: Losses = "auto"
     train: TrainConfig = TrainConfig(steps=200, batch_size=8, lr=1e-4)
     teacher_top_k: int | None = Field(None, ge=1, description="cache the teacher's top-k logits once (no live teacher)")
     #: train on text the teacher generates (prompts: the training text's document starts unless given)

@@ -21,23 +21,19 @@ Example recipe::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn as nn
-from pydantic import BeforeValidator
 
 from ..core.errors import ModelpressError
 from ..core.method import METHODS, MethodConfig, MethodEntry, StageContext, StageKind
 from ..models.loading import LoadedModel
-from .losses import Batch, CosineLoss, EmbeddingMSELoss, KDLoss, LossField, mixed_loss, needs
-from .method import _auto_or_losses, check_pair, is_language_model
+from .losses import Batch, CosineLoss, EmbeddingMSELoss, KDLoss, mixed_loss, needs
+from .method import Losses, check_pair, is_language_model
 from .teacher import model_outputs
 from .trainer import TrainConfig, TrainData, Trainer, TrainHooks, TrainResult
 
-#: the stage's losses: "auto" (KD + hard labels for a language model, embedding MSE + cosine for an
-#: encoder) or a list of registered loss configs
-Losses = Annotated[list[LossField] | Literal["auto"], BeforeValidator(_auto_or_losses)]
 
 
 class RecoverConfig(MethodConfig):
