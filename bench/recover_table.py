@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--activation-checkpointing", action="store_true",
+                    help="recompute each block's activations in the backward pass (train.activation_checkpointing)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--merge", nargs="+", help="merge these result files (written by runs of --rows) into --out")
     ap.add_argument("--out", required=True, help="output path without extension (.json and .md are written)")
@@ -81,7 +83,8 @@ def main() -> None:
         lm.tokenizer, lm.add_bos, lm.source = base_lm.tokenizer, base_lm.add_bos, base_lm.source
         return lm
 
-    recover = {"method": "recover", "train": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}}
+    recover = {"method": "recover", "train": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+                                              "activation_checkpointing": args.activation_checkpointing}}
     meta = {**{k: getattr(args, k) for k in ("model", "eval_data", "eval_tokens", "eval_seq_len", "calib",
                                               "calib_samples", "calib_seq_len", "train_samples", "train_seq_len",
                                               "threads")},
@@ -138,14 +141,16 @@ def write(out: str, meta: dict, rows: list[dict]) -> None:
              f"first {meta['eval_tokens']} tokens, {meta['eval_seq_len']}-token windows; calibration "
              f"{meta['calib_samples']} x {meta['calib_seq_len']} tokens from {meta['calib']}; recovery "
              f"{rec['steps']} steps x {rec['batch_size']} x {meta['train_seq_len']} tokens of {meta['calib']} "
-             f"(another sample), lr {rec['lr']}, cosine; {meta['threads']} thread(s) per process, "
+             f"(another sample), lr {rec['lr']}, cosine{', activation checkpointing' if rec.get('activation_checkpointing') else ''}; "
+             f"{meta['threads']} thread(s) per process, "
              f"torch {meta['torch']}, {meta['cpus']} CPUs", "",
              "| recipe | bits/weight | PPL fp32 | PPL before | ΔPPL before | PPL after recover | ΔPPL after | "
              "share of ΔPPL recovered | recover tokens | recover CPU s | peak RSS GiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         gain = 1 - (r["after_ppl"] - r["fp32_ppl"]) / (r["before_ppl"] - r["fp32_ppl"])
-        lines.append(f"| {r['recipe']} | {r['bits_per_weight']:.3f} | {r['fp32_ppl']:.2f} | {r['before_ppl']:.2f} | "
+        bits = "32 (smaller matrices)" if r["bits_per_weight"] is None else f"{r['bits_per_weight']:.3f}"
+        lines.append(f"| {r['recipe']} | {bits} | {r['fp32_ppl']:.2f} | {r['before_ppl']:.2f} | "
                      f"{r['before_delta_pct']:+.1f}% | {r['after_ppl']:.2f} | {r['after_delta_pct']:+.1f}% | "
                      f"{100 * gain:.0f}% | {r['recover_tokens']:,} | {r['recover_cpu_s']:.0f} | {r['peak_rss_gib']:.2f} |")
     Path(out + ".md").write_text("\n".join(lines) + "\n")

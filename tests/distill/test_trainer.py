@@ -60,6 +60,26 @@ def test_bad_budgets_and_batches_are_refused():
         Trainer(make_tiny_llama(), ce_step, data(n=4), TrainConfig(steps=1, batch_size=8), progress=False)
 
 
+def test_activation_checkpointing_recomputes_blocks_and_trains_to_the_same_weights():
+    """With ``activation_checkpointing`` the inside of every decoder block runs twice a step (forward, then
+    again in the backward pass) and the trained weights equal those of a run that kept its activations."""
+    runs = {}
+    for on in (False, True):
+        model = make_tiny_llama(seed=3, layers=2)
+        calls = [0]
+        model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        cfg = TrainConfig(steps=4, batch_size=8, lr=3e-3, activation_checkpointing=on)
+        res = Trainer(model, ce_step, data(), cfg, progress=False).train()
+        runs[on] = (model, calls[0], res)
+        assert not model.is_gradient_checkpointing  # switched off again once training ends
+    assert runs[False][1] == 4 and runs[True][1] == 8
+    for (n, a), b in zip(runs[False][0].named_parameters(), runs[True][0].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+    with pytest.raises(ModelpressError, match="activation_checkpointing"):
+        Trainer(torch.nn.Linear(4, 4), lambda m, b: (m(b.input_ids.float()[:, :4]).sum(), 1), data(),
+                TrainConfig(steps=1, batch_size=8, activation_checkpointing=True), progress=False)
+
+
 class Boom(Exception):
     pass
 
