@@ -57,7 +57,11 @@ def main() -> None:
     if args.merge:
         parts = [json.loads(Path(p).read_text()) for p in args.merge]
         rows = [r for p in parts for r in p["rows"]]
-        write(args.out, {**parts[0]["meta"], "merged_from": args.merge, "rows_run": [r["recipe"] for r in rows]}, rows)
+        threads = {str(p["meta"]["threads"]) for p in parts}  # the parts may have run at different thread counts
+        meta = {**parts[0]["meta"], "merged_from": args.merge, "rows_run": [r["recipe"] for r in rows],
+                "threads": parts[0]["meta"]["threads"] if len(threads) == 1 else
+                " / ".join(f"{p['meta']['threads']} ({', '.join(r['recipe'] for r in p['rows'])})" for p in parts)}
+        write(args.out, meta, rows)
         return
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MODELPRESS_PROGRESS", "0")
