@@ -8,7 +8,7 @@ E2E-QP's teacher the float model (a reference snapshot of it). CPU seconds are r
 seconds: with ``--threads 1`` they are what the job itself cost on a shared machine.
 
 Default budget: the built-in recipe's. ``--block-samples`` / ``--block-epochs`` / ``--e2e-steps``
-override it (a reduced budget, labelled as such in the table).
+override it (an overridden budget, labelled as such in the table).
 
     python bench/qat_table.py --threads 1 --out bench/results/qat_table
 """
@@ -77,7 +77,7 @@ def main() -> None:
     meta = {**{k: getattr(args, k) for k in ("model", "eval_data", "eval_tokens", "eval_seq_len", "calib", "calib_samples",
                                               "calib_seq_len", "train_samples", "train_seq_len", "threads",
                                               "block_samples", "block_epochs", "e2e_steps", "start")},
-            "budget": "reduced" if reduced else "recipe default",
+            "budget": "overridden" if reduced else "recipe default",
             "torch": torch.__version__, "machine": os.uname().nodename, "cpus": os.cpu_count()}
     base = ppl(base_lm.module)
     rows = [{"recipe": "baseline (fp32)", "perplexity": base, "delta_ppl_pct": 0.0, "bits_per_weight": 32.0}]
@@ -106,7 +106,7 @@ def main() -> None:
         blocks = [m for s in rep["stages"] for m in s["metrics"] if m.get("stage") == "block-ap"]
         per_block = blocks[0]["tokens"] if blocks else 0
         start = " from GPTQ" if args.start == "gptq" else ""
-        add(f"qat-w{bits}-g64: Block-AP{start}{' (reduced)' if reduced else ''}", lm, rep, rep["compress_s"], rep["compress_cpu_s"],
+        add(f"qat-w{bits}-g64: Block-AP{start}{' (budget overridden)' if reduced else ''}", lm, rep, rep["compress_s"], rep["compress_cpu_s"],
             f"{per_block:,} per block x {len(blocks)}", (l0, os.getloadavg()[0]))
         if args.skip_e2e:
             continue
@@ -114,7 +114,7 @@ def main() -> None:
         result = e2e(base_lm, lm, stages[1], train)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         rep2 = {"mean_bits_per_weight": rep["mean_bits_per_weight"], "peak_rss_bytes": _peak()}
-        add(f"qat-w{bits}-g64: Block-AP{start} + E2E-QP{' (reduced)' if reduced else ''}", lm, rep2,
+        add(f"qat-w{bits}-g64: Block-AP{start} + E2E-QP{' (budget overridden)' if reduced else ''}", lm, rep2,
             rep["compress_s"] + wall, rep["compress_cpu_s"] + cpu,
             f"{per_block:,} per block x {len(blocks)} + {result['tokens']:,} end to end", (l0, os.getloadavg()[0]))
 
@@ -175,8 +175,9 @@ def _peak() -> int:
 def write(out: str, meta: dict, rows: list[dict]) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    budget = ("REDUCED budget: Block-AP samples {block_samples}, epochs {block_epochs}, E2E-QP steps {e2e_steps} "
-              "(None: the recipe's)".format(**meta) if meta["budget"] == "reduced" else "the built-in recipes' default budget")
+    budget = ("OVERRIDDEN budget: Block-AP samples {block_samples}, epochs {block_epochs}, E2E-QP steps {e2e_steps} "
+              "(None: the recipe's)".format(**meta) if meta["budget"] in ("reduced", "overridden")
+              else "the built-in recipes' default budget")
     lines = [f"# {meta['model']}: RTN vs GPTQ vs QAT (EfficientQAT), perplexity on {Path(meta['eval_data']).name}", "",
              f"first {meta['eval_tokens']} tokens, {meta['eval_seq_len']}-token windows; calibration {meta['calib_samples']} x "
              f"{meta['calib_seq_len']} tokens from {meta['calib']} (GPTQ Hessians, Block-AP training); E2E-QP trains on "
