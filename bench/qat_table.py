@@ -15,7 +15,6 @@ override it (an overridden budget, labelled as such in the table).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -24,6 +23,9 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _compress_setup import float_model_and_eval  # noqa: E402
 
 
 def main() -> None:
@@ -52,27 +54,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MODELPRESS_PROGRESS", "0")
     import modelpress as mp
-    from modelpress.data.sources import read_text
-    from modelpress.eval.perplexity import perplexity
-    from modelpress.quant.qlinear import cached_dequant
-
-    base_lm = mp.load(args.model)
-    ids = base_lm.tokenizer.encode(read_text(args.eval_data, True))[: args.eval_tokens]
-    bos = base_lm.tokenizer.bos_token_id if base_lm.add_bos else None
-    calib = mp.calibration_for(base_lm, args.calib, args.calib_samples, args.calib_seq_len)
     from modelpress.api import training_for
 
+    base_lm, calib, ppl, fresh = float_model_and_eval(args)
     train = training_for(base_lm, args.calib, args.train_samples, args.train_seq_len, seed=1)
     reduced = any(v is not None for v in (args.block_samples, args.block_epochs, args.e2e_steps))
-
-    def ppl(module: torch.nn.Module) -> float:
-        with cached_dequant():
-            return perplexity(module, ids, args.eval_seq_len, bos_token_id=bos).perplexity
-
-    def fresh():
-        lm = mp.load(copy.deepcopy(base_lm.module))
-        lm.tokenizer, lm.add_bos, lm.source = base_lm.tokenizer, base_lm.add_bos, base_lm.source
-        return lm
 
     meta = {**{k: getattr(args, k) for k in ("model", "eval_data", "eval_tokens", "eval_seq_len", "calib", "calib_samples",
                                               "calib_seq_len", "train_samples", "train_seq_len", "threads",

@@ -21,14 +21,15 @@ small (40 steps of 8 x 256 tokens, 81,920 tokens); ``--steps`` raises it.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _compress_setup import float_model_and_eval  # noqa: E402
 
 ROWS = ("structured-25", "sparsegpt-50", "gptq-w3-g64")
 
@@ -67,25 +68,10 @@ def main() -> None:
     os.environ.setdefault("MODELPRESS_PROGRESS", "0")
     import modelpress as mp
     from modelpress.api import training_for
-    from modelpress.data.sources import read_text
-    from modelpress.eval.perplexity import perplexity
     from modelpress.pipeline.recipe import load_recipe
-    from modelpress.quant.qlinear import cached_dequant
 
-    base_lm = mp.load(args.model)
-    ids = base_lm.tokenizer.encode(read_text(args.eval_data, True))[: args.eval_tokens]
-    bos = base_lm.tokenizer.bos_token_id if base_lm.add_bos else None
-    calib = mp.calibration_for(base_lm, args.calib, args.calib_samples, args.calib_seq_len)
+    base_lm, calib, ppl, fresh = float_model_and_eval(args)
     train = training_for(base_lm, args.calib, args.train_samples, args.train_seq_len, seed=1)
-
-    def ppl(module: torch.nn.Module) -> float:
-        with cached_dequant():
-            return perplexity(module, ids, args.eval_seq_len, bos_token_id=bos).perplexity
-
-    def fresh():
-        lm = mp.load(copy.deepcopy(base_lm.module))
-        lm.tokenizer, lm.add_bos, lm.source = base_lm.tokenizer, base_lm.add_bos, base_lm.source
-        return lm
 
     recover = {"method": "recover", "train": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                                               "activation_checkpointing": args.activation_checkpointing}}
