@@ -207,7 +207,8 @@ def main() -> None:
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     ap.add_argument("--eval", action="store_true", help="also measure the output's perplexity (not timed)")
-    ap.add_argument("--extra", nargs="*", default=[], help="more compress arguments (e.g. --low-memory)")
+    ap.add_argument("--extra", action="extend", nargs="*", default=[],
+                    help="more compress arguments, repeatable (e.g. --extra=--low-memory --extra=--matmul-precision=bf16)")
     ap.add_argument("--as-safetensors", action="store_true",
                     help="first write --model as an fp32 safetensors folder (in a child process, not timed) and "
                          "compress that: what --low-memory needs")

@@ -103,36 +103,42 @@ def needs_calibration(recipe: str | Path | Recipe | MethodConfig | dict) -> bool
 def apply(lm: LoadedModel, recipe: str | Path | Recipe | MethodConfig | dict, *,
           calib: torch.Tensor | Calibration | None = None, progress: bool = True, workdir: str | Path | None = None,
           offload_activations: bool = False, remove_workdir_if_empty: bool = False,
-          train: torch.Tensor | None = None) -> RunContext:
+          train: torch.Tensor | None = None, matmul_precision: str = "fp32") -> RunContext:
     """Apply every stage of ``recipe`` to ``lm`` in place; returns the filled stage context.
 
     ``workdir`` enables per-block checkpoints (a rerun resumes): the run works in its own
     subfolder there and removes only that (see :mod:`modelpress.pipeline.workdir`);
     ``offload_activations`` keeps the calibration activations in a memory-mapped file there.
+    ``matmul_precision="bf16"`` runs the calibration forwards and statistics products with bfloat16
+    products and float32 accumulation (faster; solvers stay fp32).
     """
-    return _runner(lm, recipe, calib, train, progress, workdir, offload_activations, remove_workdir_if_empty).apply()
+    return _runner(lm, recipe, calib, train, progress, workdir, offload_activations, remove_workdir_if_empty,
+                   matmul_precision=matmul_precision).apply()
 
 
 def compress(lm: LoadedModel, recipe: Any, *, calib: torch.Tensor | Calibration | None = None, progress: bool = True,
              workdir: str | Path | None = None, offload_activations: bool = False,
              remove_workdir_if_empty: bool = False, train: torch.Tensor | None = None,
              eval_data: str | Path | None = None, eval_seq_len: int | None = None, eval_max_tokens: int | None = None,
-             eval_stride: int | None = None, eval_join_lines: bool | None = None) -> dict[str, Any]:
+             eval_stride: int | None = None, eval_join_lines: bool | None = None,
+             matmul_precision: str = "fp32") -> dict[str, Any]:
     """Apply ``recipe`` and return the report: per-stage timings, per-layer formats and errors,
     memory, the calibration data's provenance and, with ``eval_data``, perplexity before and after."""
     from .pipeline.runner import EvalSpec
 
     ev = EvalSpec(str(eval_data), eval_seq_len, eval_max_tokens, eval_stride, eval_join_lines) if eval_data else None
-    return _runner(lm, recipe, calib, train, progress, workdir, offload_activations, remove_workdir_if_empty, ev).run()
+    return _runner(lm, recipe, calib, train, progress, workdir, offload_activations, remove_workdir_if_empty, ev,
+                   matmul_precision).run()
 
 
 def _runner(lm: LoadedModel, recipe: Any, calib: Any, train: Any, progress: bool, workdir: Any, offload: bool,
-            remove_workdir: bool, evaluation: Any = None) -> Any:
+            remove_workdir: bool, evaluation: Any = None, matmul_precision: str = "fp32") -> Any:
     from .pipeline.runner import Runner
 
     cal = calib if isinstance(calib, Calibration) or calib is None else Calibration.from_ids(calib)
     return Runner(lm, as_recipe(recipe), calib=cal, train=train, workdir=workdir, remove_workdir_if_empty=remove_workdir,
-                  offload_activations=offload, progress=progress, evaluation=evaluation, evaluate=evaluate)
+                  offload_activations=offload, progress=progress, evaluation=evaluation, evaluate=evaluate,
+                  matmul_precision=matmul_precision)
 
 
 def evaluate(lm: LoadedModel, data: str | Path = DEFAULT_EVALUATION, *, seq_len: int | None = None,

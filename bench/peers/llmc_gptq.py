@@ -27,6 +27,9 @@ def main() -> None:
     ap.add_argument("--eval-seq-len", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", required=True)
+    ap.add_argument("--matmul-precision", choices=["fp32", "bf16"], default="fp32",
+                    help="bf16: torch.set_float32_matmul_precision('medium') for the whole oneshot run (the peer has no "
+                         "scoped setting; this is what its user can do)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
@@ -57,10 +60,12 @@ def main() -> None:
     recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"], block_size=128, dampening_frac=0.01)
     calib = toks["calib"]
     ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+    torch.set_float32_matmul_precision("medium" if args.matmul_precision == "bf16" else "highest")
     t1, c1 = time.perf_counter(), time.process_time()
     oneshot(model=model, processor=tokenizer, dataset=ds, recipe=recipe, num_calibration_samples=calib.shape[0],
             max_seq_length=calib.shape[1], pipeline="sequential")
     compress_s, compress_cpu_s = time.perf_counter() - t1, time.process_time() - c1
+    torch.set_float32_matmul_precision("highest")  # the eval is the same exact code for every row
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     model.eval()
     with torch.no_grad():

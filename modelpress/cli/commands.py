@@ -58,7 +58,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     ev = {f"eval_{k}": v for k, v in _eval_kwargs(args, "eval_").items()}
     report = api.compress(lm, recipe, calib=calib, workdir=workdir, remove_workdir_if_empty=args.workdir is None,
                           offload_activations=args.offload_activations or args.low_memory,
-                          eval_data=args.eval_data, train=train, **ev)
+                          eval_data=args.eval_data, train=train, matmul_precision=args.matmul_precision, **ev)
     report["load_s"] = load_s
     if calib_spec and not args.calib:
         report["warnings"].insert(0, f"calibrated on {calib_spec}, the text shipped with modelpress; pass --calib for your own data")

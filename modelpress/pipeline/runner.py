@@ -25,6 +25,7 @@ from ..calib.data import Calibration
 from ..core.errors import EnvironmentFailure, ModelpressError
 from ..core.method import METHODS, MethodConfig, MethodEntry, StageContext, StageKind
 from ..core.progress import track
+from ..core.threads import MATMUL_PRECISIONS
 from ..eval.size import count_params, memory_bytes, peak_rss_bytes
 from ..models.loading import LoadedModel
 from ..models.selection import check_model_finite
@@ -72,12 +73,15 @@ class Runner:
                  remove_workdir_if_empty: bool = False, offload_activations: bool = False, progress: bool = True,
                  evaluation: EvalSpec | None = None, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32, rank: int = 0, world_size: int = 1,
-                 evaluate: Callable[..., dict[str, Any]] | None = None) -> None:
+                 evaluate: Callable[..., dict[str, Any]] | None = None, matmul_precision: str = "fp32") -> None:
         self.lm, self.recipe, self.calib, self.train = lm, recipe, calib, train
         self.folder = RunFolder(workdir, remove_parent_if_empty=remove_workdir_if_empty) if workdir else None
         self.offload, self.progress, self.evaluation = offload_activations, progress, evaluation
         self.device = torch.device(device) if device is not None else _model_device(lm)
         self.dtype, self.rank, self.world_size = dtype, rank, world_size
+        if matmul_precision not in MATMUL_PRECISIONS:
+            raise ModelpressError(f"unknown matmul precision {matmul_precision!r}; choose from {', '.join(MATMUL_PRECISIONS)}")
+        self.matmul_precision = matmul_precision
         self._evaluate = evaluate
         self.entries: list[MethodEntry] = [METHODS.get(st.method) for st in recipe.stages]
         self.reference: FloatReference | None = None
@@ -138,6 +142,7 @@ class Runner:
                            progress=track if self.progress else None,
                            workdir=str(self.folder.open()) if self.folder else None,
                            offload_activations=self.offload, device=self.device, dtype=self.dtype,
+                           matmul_precision=self.matmul_precision,
                            rank=self.rank, world_size=self.world_size, recipe=self.recipe.to_dict())
         if self.folder is not None:
             from ..models.fingerprint import source_digest
@@ -152,7 +157,9 @@ class Runner:
         if self.calib is None or not any(e.kind == StageKind.RECONSTRUCTION for e in self.entries):
             return None
         with torch.no_grad():
-            return capture_first_block_inputs(self.lm, self.calib.ids)
+            floats = capture_first_block_inputs(self.lm, self.calib.ids)
+        floats.precision = ctx.matmul_precision
+        return floats
 
     def _run_group(self, group: list[MethodConfig], ctx: StageContext, floats: Any) -> None:
         entries = [METHODS.get(st.method) for st in group]
@@ -219,6 +226,7 @@ class Runner:
             "calibration": self.calib.info if self.calib else None,
             "layers": layers, "warnings": ctx.warnings, "stages": self.timings,
             "compress_s": seconds, "compress_cpu_s": cpu_seconds,  # CPU: all threads, robust to a busy machine
+            "matmul_precision": self.matmul_precision,
             "n_quantized": len(bits), "mean_bits_per_weight": mean_bits,
             "peak_rss_bytes": peak_rss_bytes(), "params": count_params(self.lm.module),
             "memory_bytes": memory_bytes(self.lm.module),

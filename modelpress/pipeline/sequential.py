@@ -184,9 +184,11 @@ def run_sequential(lm: LoadedModel, stages: list[tuple[BlockStage, str] | tuple[
         Path(ctx.workdir).mkdir(parents=True, exist_ok=True)
         offload = str(Path(ctx.workdir) / "activations.bin")
     inputs = capture_first_block_inputs(lm, ctx.calib, offload)
+    inputs.precision = ctx.matmul_precision
     blocks = get_blocks(lm.module, lm.spec)
     ck = Checkpointer(ctx.workdir if checkpoints else None,
                       {**(signature or {}), "n_blocks": len(blocks), "calib_shape": list(ctx.calib.shape),
+                       "matmul_precision": ctx.matmul_precision,
                        "calib_sha256": tensor_digest(ctx.calib), "code": code_fingerprint()})
     floats = float_inputs if wants_targets else None
     start = ck.resume_point()
