@@ -74,15 +74,9 @@ from .rows import Variant, _base_stage
 REL_SLACK, ABS_SLACK = 0.05, 1e-4
 #: Cells that fail the error invariant for a reason found but not yet fixed: each is an open finding,
 #: reported as xfail (not hidden) so the rest of the matrix keeps guarding. Remove an entry once fixed.
-_BLOCK_AP_8BIT = ("Block-AP at 8 bits: Adam's steps move each weight by about weight_lr (2e-5, one epoch here) "
-                  "whatever the grid, which flips roundings on an 8-bit grid whose RTN error is already ~5e-4. "
-                  "Since 2026-12-07 (second) Block-AP keeps its start when training raises the block's own "
-                  "output MSE, which fixed 4 of the 5 cells; in this one training lowers block 1's MSE on its own "
-                  "inputs, but the inputs come from Block-AP's block 0, not RTN's, and the block error stays "
-                  "above RTN's. weight_lr should scale with the step size")
-OPEN_FINDINGS = {
-    "llama-block-ap-int_fz8-g16": _BLOCK_AP_8BIT,
-}
+#: (Block-AP at 8 bits, llama int_fz8-g16, was one until Block-AP capped a layer's weight lr at 1% of
+#: its mean step size: Adam had moved each weight by about weight_lr per step whatever the grid.)
+OPEN_FINDINGS: dict[str, str] = {}
 #: Relative tolerance of the reported-vs-saved ``rel_error`` check: both are float32 norms of the
 #: same difference; anything above 1e-4 means the saved tensor is not the one the method measured.
 REPORT_RTOL = 1e-4

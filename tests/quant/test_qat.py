@@ -425,3 +425,35 @@ def test_block_ap_trains_a_float_layers_own_weight_through_the_grid():
     assert torch.equal(f.weight.detach(), w)  # the float weight itself
     rtn = format_from_dict(FMT).quantize(w).dequantize(torch.float32)
     assert torch.allclose(f.quantized_weight().detach(), rtn, atol=1e-6)  # the forward starts at RTN's output
+
+
+def test_block_ap_caps_a_layers_weight_lr_at_a_fraction_of_its_step_size():
+    """8 bits: the cap (``weight_lr_max_step`` x the layer's mean step, computed here from RTN's own
+    step sizes) is below ``weight_lr``, so each layer trains in a group of its own at its cap; 3 bits
+    on the same layers: no cap binds and the weights share one group at ``weight_lr`` (as before the cap)."""
+    from modelpress.core.method import StageContext
+    from modelpress.quant.algos.qat.method import block_ap_stage
+
+    lm = mp.load(_tiny())
+    names = ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"]
+    for bits, lr, binds in ((8, 2e-5, True), (3, 2e-6, False)):
+        fmt = {"type": "int", "bits": bits, "granularity": 32, "symmetric": False}
+        cfg = parse_recipe({"stages": [{"method": "block-ap", "format": fmt, "weight_lr": lr,
+                                        "weight_lr_max_step": 0.01}]}).stages[0]
+        stage = block_ap_stage(lm, cfg)
+        fakes = {n: stage._trainable(lm, n, StageContext()) for n in names}
+        groups = stage._groups(fakes)
+        steps = {n: float(format_from_dict(fmt).fit(format_from_dict(fmt).grouped(
+            lm.module.get_submodule(n).weight.detach().float()))["scale"].abs().mean()) for n in names}
+        if binds:
+            assert groups[0]["params"] == [] and len(groups) == 2 + len(names)
+            for g, n in zip(groups[2:], names):
+                assert g["params"][0] is fakes[n].weight
+                assert g["lr"] == pytest.approx(0.01 * steps[n], rel=1e-5) and g["lr"] < lr
+        else:
+            assert len(groups) == 2 and [id(p) for p in groups[0]["params"]] == [id(fakes[n].weight) for n in names]
+            assert groups[0]["lr"] == lr and all(0.01 * s > lr for s in steps.values())
+    uncapped = parse_recipe({"stages": [{"method": "block-ap", "format": {"type": "int", "bits": 8},
+                                         "weight_lr_max_step": None}]}).stages[0]
+    stage = block_ap_stage(lm, uncapped)
+    assert len(stage._groups({n: stage._trainable(lm, n, StageContext()) for n in names})) == 2

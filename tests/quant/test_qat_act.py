@@ -249,8 +249,10 @@ def _block_errors(float_model, stages):
 
 
 def _block_ap(acts: dict) -> dict:
+    # 20 epochs at weight_lr 1e-4, uncapped: at this long budget moving the 8-bit weights pays (with the
+    # default cap, 1% of a step per update, static W8A8 block 0 measured 0.00844 vs int8-static's 0.00933)
     return {"method": "block-ap", "format": W8, "activations": acts, "samples": 8, "epochs": 20,
-            "weight_lr": 1e-4, "quant_lr": 1e-3}
+            "weight_lr": 1e-4, "quant_lr": 1e-3, "weight_lr_max_step": None}
 
 
 def test_block_ap_w8a8_static_beats_int8_static_per_block(tmp_path):

@@ -69,6 +69,10 @@ class BlockAPConfig(MethodConfig):
         epochs, batch_size: passes over them, sequences per optimizer step.
         weight_lr, quant_lr: AdamW learning rates of the weights and of the grids (0: frozen); the step
             sizes train as multiples of their start, so ``quant_lr`` is a fraction per step at any width.
+        weight_lr_max_step: a layer's weight learning rate is at most this fraction of its mean step
+            size (None: no cap). Why: Adam moves every weight by about its lr per step whatever the
+            grid, so the lr that trains a 3-bit grid flips the roundings of an 8-bit one (36x finer)
+            that RTN already got right. At 2-4 bits on SmolLM2 the cap is far above ``weight_lr``.
         step_sizes: ``learned`` trains step sizes and zero points (integer grids only), ``fixed``
             keeps the grid, ``auto`` learns them where the format allows.
         learn_zero: LSQ+: train the zero points too (asymmetric grids).
@@ -88,6 +92,7 @@ class BlockAPConfig(MethodConfig):
     epochs: int = Field(2, ge=1)
     batch_size: int = Field(2, ge=1, description="sequences per optimizer step")
     weight_lr: float = Field(2e-5, ge=0)
+    weight_lr_max_step: float | None = Field(0.01, gt=0)
     quant_lr: float = Field(5e-3, ge=0, description="relative: a step size moves by about this fraction per step")
     weight_decay: float = Field(0.0, ge=0)
     step_sizes: GridMode = "auto"
@@ -150,12 +155,29 @@ class BlockAPStage:
         self._pack(lm, index, prefix, fakes, ctx, fit)
 
     def _groups(self, fakes: dict[str, FakeQuantLinear]) -> list[dict[str, Any]]:
-        weights = [f.weight for f in fakes.values()] if self.cfg.weight_lr > 0 else []
+        """AdamW groups: the weights at ``weight_lr`` (a layer whose cap binds in a group of its own, at
+        the cap), then the grids at ``quant_lr``."""
+        weights, capped = [], []
+        for f in fakes.values() if self.cfg.weight_lr > 0 else ():
+            cap = self._lr_cap(f)
+            if cap is not None and cap < self.cfg.weight_lr:
+                capped.append({"params": [f.weight], "lr": cap})
+            else:
+                weights.append(f.weight)
         grids = [p for f in fakes.values() if isinstance(f, LearnedGridLinear) and self.cfg.quant_lr > 0
                  for p in (f.scale, f.zero) if p is not None and p.requires_grad]
         grids += [p for f in fakes.values() if f.act is not None and self.cfg.quant_lr > 0
                   for p in (f.act.scale, f.act.zero) if p is not None and p.requires_grad]
-        return [{"params": weights, "lr": self.cfg.weight_lr}, {"params": grids, "lr": self.cfg.quant_lr}]
+        return [{"params": weights, "lr": self.cfg.weight_lr}, {"params": grids, "lr": self.cfg.quant_lr}, *capped]
+
+    def _lr_cap(self, f: FakeQuantLinear) -> float | None:
+        """``weight_lr_max_step`` x the layer's mean step size at the start (None: no cap, or no step)."""
+        if self.cfg.weight_lr_max_step is None:
+            return None
+        step = f.step_size() if isinstance(f, LearnedGridLinear) else f.params.get("scale")
+        if step is None:
+            return None
+        return self.cfg.weight_lr_max_step * float(step.detach().abs().float().mean())
 
     def _trainable(self, lm: LoadedModel, name: str, ctx: StageContext) -> FakeQuantLinear | None:
         """The layer as a fake-quantised layer on its starting grid (None: a kind this stage leaves alone)."""
