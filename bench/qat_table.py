@@ -32,6 +32,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="bundled:smollm2-135m-instruct")
     ap.add_argument("--bits", nargs="+", type=int, default=[3, 2])
+    ap.add_argument("--w8a8", action="store_true",
+                    help="instead of --bits: int8-static, int8-dynamic and smoothquant-w8a8 beside qat-w8a8 (W8A8 QAT)")
     ap.add_argument("--eval-data", default="/work/shared/data/wikitext2/wiki.test.raw")
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--eval-seq-len", type=int, default=1024)
@@ -77,22 +79,24 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
         write(args.out, meta, rows)  # after every row: a stopped run keeps what it measured
 
-    for bits in args.bits:
-        for method in () if args.skip_ptq else ("rtn", "gptq"):
-            name = f"{method}-w{bits}-g64"
-            recipe = name if name in mp_builtins() else {"name": name, "stages": [_ptq_stage(method, bits)]}
+    for bits in ["w8a8"] if args.w8a8 else args.bits:
+        ptq = ("int8-static", "int8-dynamic", "smoothquant-w8a8") if bits == "w8a8" else \
+            [f"{method}-w{bits}-g64" for method in ("rtn", "gptq")]
+        for name in () if args.skip_ptq else ptq:
+            recipe = name if name in mp_builtins() else {"name": name, "stages": [_ptq_stage(name.split("-")[0], bits)]}
             lm, l0 = fresh(), os.getloadavg()[0]
             rep = mp.compress(lm, recipe, calib=calib, progress=False)
             add(name, lm, rep, rep["compress_s"], rep["compress_cpu_s"], "0", (l0, os.getloadavg()[0]))
-        stages = load_qat(bits, args)
+        qat = "qat-w8a8" if bits == "w8a8" else f"qat-w{bits}-g64"
+        stages = load_qat(qat, args)
         lm, l0 = fresh(), os.getloadavg()[0]
         first = [{**_ptq_stage("gptq", bits), "format": stages[0]["format"]}] if args.start == "gptq" else []
-        rep = mp.compress(lm, {"name": f"qat-w{bits}-g64 block-ap", "stages": first + [stages[0]]}, calib=calib,
+        rep = mp.compress(lm, {"name": f"{qat} block-ap", "stages": first + [stages[0]]}, calib=calib,
                           progress=False)
         blocks = [m for s in rep["stages"] for m in s["metrics"] if m.get("stage") == "block-ap"]
         per_block = blocks[0]["tokens"] if blocks else 0
         start = " from GPTQ" if args.start == "gptq" else ""
-        add(f"qat-w{bits}-g64: Block-AP{start}{' (budget overridden)' if reduced else ''}", lm, rep, rep["compress_s"], rep["compress_cpu_s"],
+        add(f"{qat}: Block-AP{start}{' (budget overridden)' if reduced else ''}", lm, rep, rep["compress_s"], rep["compress_cpu_s"],
             f"{per_block:,} per block x {len(blocks)}", (l0, os.getloadavg()[0]))
         if args.skip_e2e:
             continue
@@ -100,7 +104,7 @@ def main() -> None:
         result = e2e(base_lm, lm, stages[1], train)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         rep2 = {"mean_bits_per_weight": rep["mean_bits_per_weight"], "peak_rss_bytes": _peak()}
-        add(f"qat-w{bits}-g64: Block-AP{start} + E2E-QP{' (budget overridden)' if reduced else ''}", lm, rep2,
+        add(f"{qat}: Block-AP{start} + E2E-QP{' (budget overridden)' if reduced else ''}", lm, rep2,
             rep["compress_s"] + wall, rep["compress_cpu_s"] + cpu,
             f"{per_block:,} per block x {len(blocks)} + {result['tokens']:,} end to end", (l0, os.getloadavg()[0]))
 
@@ -119,11 +123,11 @@ def _ptq_stage(method: str, bits: int) -> dict:
     return stage
 
 
-def load_qat(bits: int, args: argparse.Namespace) -> list[dict]:
-    """The ``qat-w{bits}-g64`` recipe's two stages as dicts, with the budget overrides applied."""
+def load_qat(name: str, args: argparse.Namespace) -> list[dict]:
+    """The QAT recipe's two stages (Block-AP, E2E-QP) as dicts, with the budget overrides applied."""
     from modelpress.pipeline.recipe import load_recipe
 
-    ap, e2e_stage = [s.to_dict() for s in load_recipe(f"qat-w{bits}-g64").stages]
+    ap, e2e_stage = [s.to_dict() for s in load_recipe(name).stages]
     if args.block_samples is not None:
         ap["samples"] = args.block_samples
     if args.block_epochs is not None:
