@@ -51,6 +51,8 @@ def main() -> None:
                          "or a GPTQ stage in the recipe's own format first (QAT from a PTQ start)")
     ap.add_argument("--skip-ptq", action="store_true", help="no RTN / GPTQ rows (e.g. a second start on the same settings)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--matmul-precision", choices=["fp32", "bf16"], default="fp32",
+                    help="every row's compress and the E2E-QP training (modelpress's --matmul-precision)")
     ap.add_argument("--out", required=True, help="output path without extension (.json and .md are written)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -64,7 +66,7 @@ def main() -> None:
 
     meta = {**{k: getattr(args, k) for k in ("model", "eval_data", "eval_tokens", "eval_seq_len", "calib", "calib_samples",
                                               "calib_seq_len", "train_samples", "train_seq_len", "threads",
-                                              "block_samples", "block_epochs", "e2e_steps", "start")},
+                                              "block_samples", "block_epochs", "e2e_steps", "start", "matmul_precision")},
             "budget": "overridden" if reduced else "recipe default",
             "torch": torch.__version__, "machine": os.uname().nodename, "cpus": os.cpu_count()}
     base = ppl(base_lm.module)
@@ -85,14 +87,15 @@ def main() -> None:
         for name in () if args.skip_ptq else ptq:
             recipe = name if name in mp_builtins() else {"name": name, "stages": [_ptq_stage(name.split("-")[0], bits)]}
             lm, l0 = fresh(), os.getloadavg()[0]
-            rep = mp.compress(lm, recipe, calib=calib, progress=False)
+            rep = mp.compress(lm, recipe, calib=calib, progress=False,
+                          matmul_precision=args.matmul_precision)
             add(name, lm, rep, rep["compress_s"], rep["compress_cpu_s"], "0", (l0, os.getloadavg()[0]))
         qat = "qat-w8a8" if bits == "w8a8" else f"qat-w{bits}-g64"
         stages = load_qat(qat, args)
         lm, l0 = fresh(), os.getloadavg()[0]
         first = [{**_ptq_stage("gptq", bits), "format": stages[0]["format"]}] if args.start == "gptq" else []
         rep = mp.compress(lm, {"name": f"{qat} block-ap", "stages": first + [stages[0]]}, calib=calib,
-                          progress=False)
+                          progress=False, matmul_precision=args.matmul_precision)
         blocks = [m for s in rep["stages"] for m in s["metrics"] if m.get("stage") == "block-ap"]
         per_block = blocks[0]["tokens"] if blocks else 0
         start = " from GPTQ" if args.start == "gptq" else ""
@@ -101,7 +104,7 @@ def main() -> None:
         if args.skip_e2e:
             continue
         l0, t0, c0 = os.getloadavg()[0], time.perf_counter(), time.process_time()
-        result = e2e(base_lm, lm, stages[1], train)
+        result = e2e(base_lm, lm, stages[1], train, args.matmul_precision)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         rep2 = {"mean_bits_per_weight": rep["mean_bits_per_weight"], "peak_rss_bytes": _peak()}
         add(f"{qat}: Block-AP{start} + E2E-QP{' (budget overridden)' if reduced else ''}", lm, rep2,
@@ -137,9 +140,10 @@ def load_qat(name: str, args: argparse.Namespace) -> list[dict]:
     return [ap, e2e_stage]
 
 
-def e2e(float_lm, lm, stage: dict, train) -> dict:
+def e2e(float_lm, lm, stage: dict, train, precision: str = "fp32") -> dict:
     """E2E-QP on ``lm`` with the float model as teacher (the recipe's second stage, run on its own)."""
     from modelpress.core.method import StageContext
+    from modelpress.core.threads import matmul_precision
     from modelpress.pipeline.recipe import parse_recipe
     from modelpress.pipeline.reference import FloatReference
     from modelpress.quant.algos.qat.e2e import run_e2e_qp
@@ -149,7 +153,7 @@ def e2e(float_lm, lm, stage: dict, train) -> dict:
         ref = FloatReference.snapshot(float_lm, d)
         ctx = StageContext(train=train, reference=ref, grad=True)
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), matmul_precision(precision):
                 run_e2e_qp(lm, cfg, ctx)
         finally:
             ref.close()

@@ -89,9 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--low-memory", action="store_true",
                    help="read decoder blocks from the safetensors files only when needed (models larger than RAM)")
     c.add_argument("--matmul-precision", choices=list(MATMUL_PRECISIONS), default="fp32",
-                   help="precision of the calibration forwards and Hessian / statistics products: fp32 (default, "
-                        "exact) or bf16 (bfloat16 products, fp32 accumulation and tensors; about twice as fast on CPUs "
-                        "with AVX512-BF16 and on GPUs); GPTQ's and SparseGPT's solvers always run in fp32")
+                   help="precision of the calibration forwards, the Hessian / statistics products and the training "
+                        "stages' matmuls: fp32 (default) or bf16 (torch's 'medium': bfloat16 arithmetic, fp32 tensors; "
+                        "about twice as fast on CPUs with AVX512-BF16); GPTQ's and SparseGPT's solvers always run in fp32")
 
     e = sub.add_parser("eval", help="perplexity, size and memory on a text; task accuracy, flips vs a baseline, behaviour")
     _add_model(e)

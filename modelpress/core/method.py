@@ -105,8 +105,8 @@ class StageContext:
             (:class:`~modelpress.pipeline.reference.FloatReference`), when the stage asked for it.
         float_inputs: in a reconstruction pass, the float stream's inputs into the current block.
         device, dtype: where and in which precision the stage computes.
-        matmul_precision: float32 matmul precision of the calibration forwards and statistics
-            products ("fp32", or "bf16": bfloat16 products, float32 accumulation); solvers keep fp32.
+        matmul_precision: float32 matmul precision of the calibration forwards, statistics products
+            and training stages ("fp32", or "bf16": torch's "medium"); solvers keep fp32.
         grad: whether the stage runs with gradients (its entry declares it).
         rank, world_size: this process's place in a distributed run (0 and 1 otherwise).
         layers, warnings: the report the stage fills.

@@ -25,7 +25,7 @@ from ..calib.data import Calibration
 from ..core.errors import EnvironmentFailure, ModelpressError
 from ..core.method import METHODS, MethodConfig, MethodEntry, StageContext, StageKind
 from ..core.progress import track
-from ..core.threads import MATMUL_PRECISIONS
+from ..core.threads import MATMUL_PRECISIONS, matmul_precision
 from ..eval.size import count_params, memory_bytes, peak_rss_bytes
 from ..models.loading import LoadedModel
 from ..models.selection import check_model_finite
@@ -175,7 +175,9 @@ class Runner:
                 ctx.warn(f"{group[0].method} is not block-wise: all blocks were loaded into memory for it")
                 self.lm.lazy.ensure_all()
             ctx.grad = entries[0].grad
-            with _grad_mode(entries[0].grad):
+            # a training stage's forwards and backwards run at the run's matmul precision; other
+            # whole-model stages (data-free, their own solvers) at full precision
+            with _grad_mode(entries[0].grad), matmul_precision(ctx.matmul_precision if entries[0].grad else "fp32"):
                 entries[0].run(self.lm, group[0], ctx)
             ctx.grad = False
         kinds = list(dict.fromkeys(e.kind.value for e in entries))  # a pass can mix blockwise and reconstruction

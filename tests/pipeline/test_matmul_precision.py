@@ -73,3 +73,28 @@ def test_bf16_gptq_run_keeps_the_solver_exact_and_the_result_close(monkeypatch):
     with torch.no_grad():
         la, lb = (runs[p][0].module(input_ids=ids).logits for p in ("fp32", "bf16"))
     assert float((la - lb).norm() / la.norm()) < 0.02
+
+
+def test_training_stages_run_at_the_runs_precision(monkeypatch):
+    """Block-AP's block training and a whole-model training stage (E2E-QP) take optimizer steps at
+    "medium" in a bf16 run and at "highest" in an fp32 one."""
+    seen: list[str] = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *a, **kw):
+        seen.append(torch.get_float32_matmul_precision())
+        return step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    torch.manual_seed(0)
+    calib = torch.randint(3, 300, (4, 32))
+    fmt = {"type": "int", "bits": 3, "granularity": 32, "symmetric": False}
+    recipe = {"name": "t", "stages": [{"method": "block-ap", "format": fmt, "samples": 4, "epochs": 1},
+                                      {"method": "e2e-qp", "train": {"steps": 2, "batch_size": 2, "warmup": 0.0}}]}
+    for p, want in (("bf16", "medium"), ("fp32", "highest")):
+        seen.clear()
+        rep = mp.compress(mp.load(make_tiny_llama(seed=2, layers=2)), recipe, calib=calib, progress=False,
+                          matmul_precision=p)
+        e2e = [x for s in rep["stages"] for x in s["metrics"] if x.get("stage") == "e2e-qp"]
+        assert e2e and e2e[0]["steps"] == 2
+        assert len(seen) >= 2 * 2 + 2 and set(seen) == {want}  # 2 blocks x 2 steps, then E2E-QP's 2

@@ -36,6 +36,7 @@ from ....calib.blocks import BlockInputs
 from ....core.errors import ModelpressError
 from ....core.layers import set_submodule
 from ....core.method import METHODS, MethodConfig, MethodEntry, StageContext, StageKind
+from ....core.threads import matmul_precision
 from ....models.layers import linear_weight
 from ....models.loading import LoadedModel
 from ....models.selection import check_finite, select_layers
@@ -147,9 +148,10 @@ class BlockAPStage:
         calibrate_static(list(fakes.values()), lambda: _run_block(block, x, inputs.kwargs, self.cfg.batch_size))
         frozen = _freeze_all_but(block, [p for g in self._groups(fakes) for p in g["params"]])
         try:
-            fit = reconstruct(block, self._groups(fakes), x, y, inputs.kwargs, epochs=self.cfg.epochs,
-                              batch_size=self.cfg.batch_size, weight_decay=self.cfg.weight_decay,
-                              seed=self.cfg.seed * 100_003 + index)
+            with matmul_precision(ctx.matmul_precision):  # training's forwards and backwards, like the run's
+                fit = reconstruct(block, self._groups(fakes), x, y, inputs.kwargs, epochs=self.cfg.epochs,
+                                  batch_size=self.cfg.batch_size, weight_decay=self.cfg.weight_decay,
+                                  seed=self.cfg.seed * 100_003 + index)
         finally:
             _restore_flags(frozen)
         self._pack(lm, index, prefix, fakes, ctx, fit)
