@@ -176,7 +176,7 @@ def write(out: str, meta: dict, rows: list[dict]) -> None:
              f"first {meta['eval_tokens']} tokens, {meta['eval_seq_len']}-token windows; calibration {meta['calib_samples']} x "
              f"{meta['calib_seq_len']} tokens from {meta['calib']} (GPTQ Hessians, Block-AP training); E2E-QP trains on "
              f"{meta['train_samples']} x {meta['train_seq_len']} tokens of {meta['calib']} (another sample); {budget}; "
-             f"{meta['threads']} thread(s), torch {meta['torch']}, {meta['cpus']} CPUs", "",
+             f"{meta['threads']} thread(s), matmul precision {meta.get('matmul_precision', 'fp32')}, torch {meta['torch']}, {meta['cpus']} CPUs", "",
              "| recipe | bits/weight | PPL | ΔPPL | training tokens | compress wall s | compress CPU s | peak RSS GiB | load avg (before, after) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
