@@ -114,7 +114,7 @@ def main() -> None:
         joined = " ".join(extra).replace("=", " ").split()
         return joined[joined.index("--matmul-precision") + 1] if "--matmul-precision" in joined else "fp32"
 
-    def ours_row(name: str, tag: str, out: Path, extra: list[str], model: str, res: tuple[float, int, float]) -> dict:
+    def ours_row(name: str, out: Path, extra: list[str], model: str, res: tuple[float, int, float]) -> dict:
         wall, rss, cpu = res
         rep = json.loads((out / "report.json").read_text())
         lm = mp.load(str(out))
@@ -156,11 +156,11 @@ def main() -> None:
             (out, extra, model, oc), (prec, pj, pc) = ours_cmds[0], peer_cmds[0]
             a, b = start(oc, env, work / f"{out.name}.log"), start(pc, env, work / f"{pj.stem}.log")
             ra, rb = finish(a), finish(b)
-            rows += [ours_row(name, "", out, extra, model, ra), peer_row(name, prec, pj, rb)]
+            rows += [ours_row(name, out, extra, model, ra), peer_row(name, prec, pj, rb)]
             print(json.dumps(rows[-2:]), flush=True)
             continue
         for out, extra, model, oc in ours_cmds:
-            rows.append(ours_row(name, "", out, extra, model, finish(start(oc, env, work / f"{out.name}.log"))))
+            rows.append(ours_row(name, out, extra, model, finish(start(oc, env, work / f"{out.name}.log"))))
             print(json.dumps(rows[-1]), flush=True)
         for prec, pj, pc in peer_cmds:
             rows.append(peer_row(name, prec, pj, finish(start(pc, env, work / f"{pj.stem}.log"))))

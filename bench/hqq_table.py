@@ -11,14 +11,15 @@ CPU seconds are what the job itself cost, the wall seconds what it took under th
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _compress_setup import float_model_and_eval  # noqa: E402
 
 RECIPES = ["rtn-w4-g64", "gptq-w4-g64", "hqq-w4-g64", "rtn-w3-g64", "gptq-w3-g64", "hqq-w3-g64"]
 
@@ -39,18 +40,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MODELPRESS_PROGRESS", "0")
     import modelpress as mp
-    from modelpress.data.sources import read_text
-    from modelpress.eval.perplexity import perplexity
-    from modelpress.quant.qlinear import cached_dequant
 
-    base_lm = mp.load(args.model)
-    ids = base_lm.tokenizer.encode(read_text(args.eval_data, True))[: args.eval_tokens]
-    bos = base_lm.tokenizer.bos_token_id if base_lm.add_bos else None
-    calib = mp.calibration_for(base_lm, args.calib, args.calib_samples, args.calib_seq_len)
-
-    def ppl(module: torch.nn.Module) -> float:
-        with cached_dequant():
-            return perplexity(module, ids, args.eval_seq_len, bos_token_id=bos).perplexity
+    base_lm, calib, ppl, fresh = float_model_and_eval(args)
 
     meta = {**{k: getattr(args, k) for k in ("model", "eval_data", "eval_tokens", "eval_seq_len", "calib",
                                               "calib_samples", "calib_seq_len", "threads")},
@@ -58,8 +49,7 @@ def main() -> None:
     base = ppl(base_lm.module)
     rows = [{"recipe": "baseline (fp32)", "perplexity": base, "delta_ppl_pct": 0.0, "bits_per_weight": 32.0}]
     for name in args.recipes:
-        lm = mp.load(copy.deepcopy(base_lm.module))
-        lm.tokenizer, lm.add_bos, lm.source = base_lm.tokenizer, base_lm.add_bos, base_lm.source
+        lm = fresh()
         load_before = os.getloadavg()[0]
         rep = mp.compress(lm, name, calib=calib, progress=False)
         load_after = os.getloadavg()[0]

@@ -18,7 +18,6 @@ every row (a stopped run keeps what it measured).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -26,6 +25,9 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _compress_setup import float_model_and_eval  # noqa: E402
 
 UNIFORM_SPARSE = {"name": "sparsegpt-60", "stages": [{"method": "sparsegpt", "ignore": ["lm_head"],
                                                       "pattern": "unstructured", "sparsity": 0.6}]}
@@ -51,18 +53,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MODELPRESS_PROGRESS", "0")
     import modelpress as mp
-    from modelpress.data.sources import read_text
-    from modelpress.eval.perplexity import perplexity
-    from modelpress.quant.qlinear import cached_dequant
 
-    base_lm = mp.load(args.model)
-    ids = base_lm.tokenizer.encode(read_text(args.eval_data, True))[: args.eval_tokens]
-    bos = base_lm.tokenizer.bos_token_id if base_lm.add_bos else None
-    calib = mp.calibration_for(base_lm, args.calib, args.calib_samples, args.calib_seq_len)
-
-    def ppl(module: torch.nn.Module) -> float:
-        with cached_dequant():
-            return perplexity(module, ids, args.eval_seq_len, bos_token_id=bos).perplexity
+    base_lm, calib, ppl, fresh = float_model_and_eval(args)
 
     meta = {k: getattr(args, k) for k in ("model", "eval_data", "eval_tokens", "eval_seq_len", "calib",
                                            "calib_samples", "calib_seq_len", "threads")}
@@ -74,8 +66,7 @@ def main() -> None:
     pairs = PAIRS if args.only is None else PAIRS[:1] if args.only == "quant" else PAIRS[1:]
     for pair in pairs:
         for recipe in pair:
-            lm = mp.load(copy.deepcopy(base_lm.module))
-            lm.tokenizer, lm.add_bos, lm.source = base_lm.tokenizer, base_lm.add_bos, base_lm.source
+            lm = fresh()
             c, t = time.process_time(), time.perf_counter()
             rep = mp.compress(lm, recipe, calib=calib, progress=False)
             row = {"recipe": recipe if isinstance(recipe, str) else recipe["name"],

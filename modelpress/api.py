@@ -109,8 +109,8 @@ def apply(lm: LoadedModel, recipe: str | Path | Recipe | MethodConfig | dict, *,
     ``workdir`` enables per-block checkpoints (a rerun resumes): the run works in its own
     subfolder there and removes only that (see :mod:`modelpress.pipeline.workdir`);
     ``offload_activations`` keeps the calibration activations in a memory-mapped file there.
-    ``matmul_precision="bf16"`` runs the calibration forwards and statistics products with bfloat16
-    products and float32 accumulation (faster; solvers stay fp32).
+    ``matmul_precision="bf16"`` runs the calibration forwards, statistics products and training
+    stages at torch's "medium" float32 matmul precision (faster; solvers stay fp32).
     """
     return _runner(lm, recipe, calib, train, progress, workdir, offload_activations, remove_workdir_if_empty,
                    matmul_precision=matmul_precision).apply()

@@ -45,6 +45,13 @@ def blas_threads(n: int) -> Iterator[None]:
 MATMUL_PRECISIONS = {"fp32": "highest", "bf16": "medium"}
 
 
+def torch_matmul_precision(name: str) -> str:
+    """torch's name for ``name``; ValueError for a name that is not a ``--matmul-precision`` choice."""
+    if name not in MATMUL_PRECISIONS:
+        raise ValueError(f"unknown matmul precision {name!r}; choose from {', '.join(MATMUL_PRECISIONS)}")
+    return MATMUL_PRECISIONS[name]
+
+
 @contextlib.contextmanager
 def matmul_precision(name: str) -> Iterator[None]:
     """Run float32 matmuls at ``name``: "fp32" (torch's "highest") or "bf16" (torch's "medium": the
@@ -58,10 +65,8 @@ def matmul_precision(name: str) -> Iterator[None]:
     """
     import torch
 
-    if name not in MATMUL_PRECISIONS:
-        raise ValueError(f"unknown matmul precision {name!r}; choose from {', '.join(MATMUL_PRECISIONS)}")
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(MATMUL_PRECISIONS[name])
+    new, old = torch_matmul_precision(name), torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(new)
     try:
         yield
     finally:

@@ -25,7 +25,7 @@ from ..calib.data import Calibration
 from ..core.errors import EnvironmentFailure, ModelpressError
 from ..core.method import METHODS, MethodConfig, MethodEntry, StageContext, StageKind
 from ..core.progress import track
-from ..core.threads import MATMUL_PRECISIONS, matmul_precision
+from ..core.threads import matmul_precision, torch_matmul_precision
 from ..eval.size import count_params, memory_bytes, peak_rss_bytes
 from ..models.loading import LoadedModel
 from ..models.selection import check_model_finite
@@ -79,8 +79,10 @@ class Runner:
         self.offload, self.progress, self.evaluation = offload_activations, progress, evaluation
         self.device = torch.device(device) if device is not None else _model_device(lm)
         self.dtype, self.rank, self.world_size = dtype, rank, world_size
-        if matmul_precision not in MATMUL_PRECISIONS:
-            raise ModelpressError(f"unknown matmul precision {matmul_precision!r}; choose from {', '.join(MATMUL_PRECISIONS)}")
+        try:  # refused before any work, as a user error
+            torch_matmul_precision(matmul_precision)
+        except ValueError as e:
+            raise ModelpressError(str(e)) from None
         self.matmul_precision = matmul_precision
         self._evaluate = evaluate
         self.entries: list[MethodEntry] = [METHODS.get(st.method) for st in recipe.stages]
