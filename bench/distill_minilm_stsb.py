@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-STSB = ROOT.parent / "shared" / "data" / "stsb"
+STSB = Path(os.environ.get("MODELPRESS_SHARED", ROOT.parent / "shared")) / "data" / "stsb"
 RECIPE = "distill-half-depth"
 
 Pairs = list[tuple[float, str, str]]  # (score 0..5, sentence 1, sentence 2)

@@ -70,6 +70,8 @@ def main() -> None:
     ap.add_argument("--soft-lambda", type=float, default=1.0, help="soft: weight of mean(sigmoid(S))")
     ap.add_argument("--soft-score-lr", type=float, default=1e-2,
                     help="soft and hard-learned: scores' learning rate (paper: 1e-2)")
+    ap.add_argument("--per-output", action="store_true",
+                    help="every pruned row keeps its share within each output row (not the whole layer)")
     ap.add_argument("--rows", nargs="*", default=list(ROWS[:4]), choices=ROWS)
     ap.add_argument("--seed", type=int, default=0, help="global torch seed before each row (dropout)")
     ap.add_argument("--threads", type=int, default=1)
@@ -95,7 +97,7 @@ def stage(a: argparse.Namespace, row: str, train: dict) -> dict:
     """The recipe stage of a pruned row."""
     schedule = {"initial": 0.0, "start": a.start, "end": a.end, "every": a.every}
     common = {"ignore": ["pooler.dense"], "pattern": "unstructured", "sparsity": a.sparsity, "scope": "layer",
-              "schedule": schedule, "losses": [{"type": "pair-cosine"}], "train": train}
+              "per_output": a.per_output, "schedule": schedule, "losses": [{"type": "pair-cosine"}], "train": train}
     if row == "magnitude":
         return {"method": "gradual", **common}
     if row == "movement-hard":
@@ -116,7 +118,8 @@ def random_control(lm, a: argparse.Namespace, data, train: dict) -> dict:
     layers = sparse_layers(lm, cfg)
     g = torch.Generator().manual_seed(0)
     scores = {n: torch.rand(m.weight.shape, generator=g) for n, m in layers.items()}
-    hooks = ScheduledMasks(layers, cfg.schedule, cfg.target_sparsity(), train["steps"], lambda n, m: scores[n])
+    hooks = ScheduledMasks(layers, cfg.schedule, cfg.target_sparsity(), train["steps"], lambda n, m: scores[n],
+                           per_output=cfg.per_output)
     return train_against_reference(lm, StageContext(train=data), cfg.losses, cfg.train, name="random",
                                    signature={}, hooks=hooks).to_dict()
 
@@ -125,15 +128,18 @@ def encoder_sparsity(module: torch.nn.Module) -> dict:
     """Zeros in the weights the layers compute with, over the encoder blocks' linear layers."""
     from modelpress.sparsity.layer import SparseLayer
 
-    zeros, total, per = 0, 0, []
+    zeros, total, per, dead, rows = 0, 0, [], 0, 0
     for n, m in module.named_modules():
         if ENCODER in n and isinstance(m, (torch.nn.Linear, SparseLayer)):
             w = m.effective_weight() if isinstance(m, SparseLayer) else m.weight
             z = int((w == 0).sum())
             zeros, total = zeros + z, total + w.numel()
             per.append(z / w.numel())
+            dead, rows = dead + int((w != 0).sum(1).eq(0).sum()), rows + w.shape[0]
+    # output rows with no weight left: units whose output is the bias alone (a concentration a
+    # layer-wide ranking can produce and a per-row one cannot)
     return {"sparsity": zeros / total, "layers": len(per), "weights": total,
-            "layer_sparsity_min_max": [min(per), max(per)]}
+            "layer_sparsity_min_max": [min(per), max(per)], "empty_rows": dead / rows}
 
 
 def run(a: argparse.Namespace) -> None:
@@ -154,7 +160,7 @@ def run(a: argparse.Namespace) -> None:
             "budget": train, "epochs": a.epochs, "sparsity_target": a.sparsity,
             "schedule": {"start": a.start, "end": a.end, "every": a.every},
             "soft": {"threshold": a.soft_threshold, "regularization": a.soft_lambda, "score_lr": a.soft_score_lr},
-            "seed": a.seed, "threads": a.threads, "torch": torch.__version__, "cpus": os.cpu_count(),
+            "per_output": a.per_output, "seed": a.seed, "threads": a.threads, "torch": torch.__version__, "cpus": os.cpu_count(),
             "load_avg_start": os.getloadavg()}
     rows: list[dict] = []
     t_all, c_all = time.perf_counter(), time.process_time()
@@ -198,6 +204,10 @@ NAMES = {"dense": "dense fine-tune", "magnitude": "magnitude (gradual, cubic)", 
          "movement-soft": "movement (soft)", "random": "random score (control)"}
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
 def write(out: str, meta: dict, rows: list[dict]) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
@@ -209,19 +219,21 @@ def write(out: str, meta: dict, rows: list[dict]) -> None:
              f"{b['steps']} steps x {b['batch_size']} pairs, lr {b['lr']:g}, {b['warmup']:.0%} warm-up then linear "
              f"decay, clip {b['clip']}, AdamW (no weight decay), seed {b['seed']}; the same for every trained row. "
              f"Pruned: the 36 linear layers of the 6 encoder blocks, {meta['sparsity_target']:.0%} unstructured per "
-             f"layer, cubic schedule from {s['start']:.0%} to {s['end']:.0%} of the steps, masks updated every "
+             f"{'output row' if meta.get('per_output') else 'layer'}, cubic schedule from {s['start']:.0%} to "
+             f"{s['end']:.0%} of the steps, masks updated every "
              f"{s['every']} step(s). {meta['threads']} thread(s), torch {meta['torch']}, {meta['cpus']} CPUs.", "",
-             "| row | test Spearman | dev (train) Spearman | encoder sparsity | training tokens | steps | train CPU s | "
-             "row CPU s (incl. eval) | train wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| row | test Spearman | dev (train) Spearman | encoder sparsity | empty output rows | training tokens | "
+             "steps | train CPU s | row CPU s (incl. eval) | train wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {NAMES.get(r['row'], r['row'])} | {r['spearman']:.2f} | {r['dev_spearman']:.2f} | "
-                     f"{r['sparsity']:.4f} | {r['tokens']:,} | {r['steps']} | {r['train_cpu_s']:.0f} | "
+                     f"{r['sparsity']:.4f} | {_pct(r.get('empty_rows'))} | {r['tokens']:,} | {r['steps']} | {r['train_cpu_s']:.0f} | "
                      f"{r['row_cpu_s']:.0f} | {r['train_wall_s']:.0f} |")
     lines += ["", "Notes:", "",
               "- STS-B train is not available here: every trained row trains on the dev pairs; test is never trained on.",
               "- Sanh et al. fine-tune for 10 epochs of SQuAD / MNLI (tens of thousands of steps), weights at lr 3e-5, "
-              "scores at 1e-2 with Adam; this budget is 3 epochs of 1,500 pairs, so the weights' lr is higher (one lr "
+              f"scores at 1e-2 with Adam; this budget is {meta['epochs']} epochs of 1,500 pairs, so the weights' lr "
+              "is higher (one lr "
               "for every row). The schedule's shape is theirs: 10% dense, cubic, last 20% at the final sparsity.",
               "- Movement (hard) ranks by the raw sum S = -sum_t W * dL/dW since the start (the paper's "
               "first-order form); masks only tighten (a pruned weight's score stops moving). Movement (hard, learned "

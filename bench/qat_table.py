@@ -8,7 +8,8 @@ E2E-QP's teacher the float model (a reference snapshot of it). CPU seconds are r
 seconds: with ``--threads 1`` they are what the job itself cost on a shared machine.
 
 Default budget: the built-in recipe's. ``--block-samples`` / ``--block-epochs`` / ``--e2e-steps``
-override it (an overridden budget, labelled as such in the table).
+override it, as do ``--block-weight-lr`` / ``--block-quant-lr`` for Block-AP's learning rates (an
+overridden budget, labelled as such in the table).
 
     python bench/qat_table.py --threads 1 --out bench/results/qat_table
 """
@@ -45,6 +46,8 @@ def main() -> None:
     ap.add_argument("--block-samples", type=int, default=None, help="override the recipe's Block-AP samples")
     ap.add_argument("--block-epochs", type=int, default=None, help="override the recipe's Block-AP epochs")
     ap.add_argument("--e2e-steps", type=int, default=None, help="override the recipe's E2E-QP steps")
+    ap.add_argument("--block-weight-lr", type=float, default=None, help="override the recipe's Block-AP weight_lr")
+    ap.add_argument("--block-quant-lr", type=float, default=None, help="override the recipe's Block-AP quant_lr")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--start", choices=["float", "gptq"], default="float",
                     help="Block-AP's start: the float layers (the recipe: RTN grid, float weight trained through it) "
@@ -62,11 +65,13 @@ def main() -> None:
 
     base_lm, calib, ppl, fresh = float_model_and_eval(args)
     train = training_for(base_lm, args.calib, args.train_samples, args.train_seq_len, seed=1)
-    reduced = any(v is not None for v in (args.block_samples, args.block_epochs, args.e2e_steps))
+    reduced = any(v is not None for v in (args.block_samples, args.block_epochs, args.e2e_steps,
+                                          args.block_weight_lr, args.block_quant_lr))
 
     meta = {**{k: getattr(args, k) for k in ("model", "eval_data", "eval_tokens", "eval_seq_len", "calib", "calib_samples",
                                               "calib_seq_len", "train_samples", "train_seq_len", "threads",
-                                              "block_samples", "block_epochs", "e2e_steps", "start", "matmul_precision")},
+                                              "block_samples", "block_epochs", "e2e_steps", "block_weight_lr", "block_quant_lr",
+                                              "start", "matmul_precision")},
             "budget": "overridden" if reduced else "recipe default",
             "torch": torch.__version__, "machine": os.uname().nodename, "cpus": os.cpu_count()}
     base = ppl(base_lm.module)
@@ -137,6 +142,10 @@ def load_qat(name: str, args: argparse.Namespace) -> list[dict]:
         ap["epochs"] = args.block_epochs
     if args.e2e_steps is not None:
         e2e_stage["train"]["steps"] = args.e2e_steps
+    if args.block_weight_lr is not None:
+        ap["weight_lr"] = args.block_weight_lr
+    if args.block_quant_lr is not None:
+        ap["quant_lr"] = args.block_quant_lr
     return [ap, e2e_stage]
 
 
@@ -169,8 +178,9 @@ def _peak() -> int:
 def write(out: str, meta: dict, rows: list[dict]) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    budget = ("OVERRIDDEN budget: Block-AP samples {block_samples}, epochs {block_epochs}, E2E-QP steps {e2e_steps} "
-              "(None: the recipe's)".format(**meta) if meta["budget"] in ("reduced", "overridden")
+    budget = ("OVERRIDDEN budget: Block-AP samples {block_samples}, epochs {block_epochs}, E2E-QP steps {e2e_steps}, "
+              "Block-AP weight_lr {block_weight_lr}, quant_lr {block_quant_lr} (None: the recipe's)"
+              .format(**{"block_weight_lr": None, "block_quant_lr": None, **meta}) if meta["budget"] in ("reduced", "overridden")
               else "the built-in recipes' default budget")
     lines = [f"# {meta['model']}: RTN vs GPTQ vs QAT (EfficientQAT), perplexity on {Path(meta['eval_data']).name}", "",
              f"first {meta['eval_tokens']} tokens, {meta['eval_seq_len']}-token windows; calibration {meta['calib_samples']} x "

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-STSB_DEV = ROOT.parent / "shared" / "data" / "stsb" / "sts-dev.csv"
+STSB_DEV = Path(os.environ.get("MODELPRESS_SHARED", ROOT.parent / "shared")) / "data" / "stsb" / "sts-dev.csv"
 
 #: (row name, processes, worker mode, AdamW kernel)
 ROWS = [("ours (Trainer)", 1, "ours", "fused"), ("plain PyTorch", 1, "plain", "fused"),
