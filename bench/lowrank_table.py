@@ -13,13 +13,15 @@ load (1-minute load average before and after each row recorded). Writes JSON + M
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _compress_setup import float_model_and_eval  # noqa: E402
 
 RECIPES = ["svd-r20", "asvd-r20", "svdllm-r20", "fwsvd-r20", "gptq-w3-g64", "gptq-w3-g64-lr32"]
 FACTORISING = ("svd", "asvd", "svdllm", "fwsvd")
@@ -89,19 +91,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MODELPRESS_PROGRESS", "0")
     import modelpress as mp
-    from modelpress.data.sources import read_text
-    from modelpress.eval.perplexity import perplexity
-    from modelpress.quant.qlinear import cached_dequant
 
-    base_lm = mp.load(args.model)
-    ids = base_lm.tokenizer.encode(read_text(args.eval_data, True))[: args.eval_tokens]
-    bos = base_lm.tokenizer.bos_token_id if base_lm.add_bos else None
-    calib = mp.calibration_for(base_lm, args.calib, args.calib_samples, args.calib_seq_len)
-
-    def ppl(module: torch.nn.Module) -> float:
-        with cached_dequant(), torch.no_grad():
-            return perplexity(module, ids, args.eval_seq_len, bos_token_id=bos).perplexity
-
+    base_lm, calib, ppl, fresh = float_model_and_eval(args)
     meta = {**{k: getattr(args, k) for k in ("model", "eval_data", "eval_tokens", "eval_seq_len", "calib",
                                               "calib_samples", "calib_seq_len", "threads")},
             "torch": torch.__version__, "machine": os.uname().nodename, "cpus": os.cpu_count()}
@@ -109,8 +100,7 @@ def main() -> None:
     rows = [{"recipe": "baseline (fp32)", "perplexity": base, "delta_ppl_pct": 0.0, "bits_per_weight": 32.0,
              "block_weights_kept": 1.0}]
     for label, recipe in recipe_list(args.recipes, args.ratios):
-        lm = mp.load(copy.deepcopy(base_lm.module))
-        lm.tokenizer, lm.add_bos, lm.source = base_lm.tokenizer, base_lm.add_bos, base_lm.source
+        lm = fresh()
         load_before = os.getloadavg()[0]
         rep = mp.compress(lm, recipe, calib=calib, progress=False)
         load_after = os.getloadavg()[0]

@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--e2e-steps", type=int, default=None, help="override the recipe's E2E-QP steps")
     ap.add_argument("--block-weight-lr", type=float, default=None, help="override the recipe's Block-AP weight_lr")
     ap.add_argument("--block-quant-lr", type=float, default=None, help="override the recipe's Block-AP quant_lr")
+    ap.add_argument("--block-norm-lr", type=float, default=None, help="Block-AP also trains the norm gains at this lr")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--start", choices=["float", "gptq"], default="float",
                     help="Block-AP's start: the float layers (the recipe: RTN grid, float weight trained through it) "
@@ -66,11 +67,11 @@ def main() -> None:
     base_lm, calib, ppl, fresh = float_model_and_eval(args)
     train = training_for(base_lm, args.calib, args.train_samples, args.train_seq_len, seed=1)
     reduced = any(v is not None for v in (args.block_samples, args.block_epochs, args.e2e_steps,
-                                          args.block_weight_lr, args.block_quant_lr))
+                                          args.block_weight_lr, args.block_quant_lr, args.block_norm_lr))
 
     meta = {**{k: getattr(args, k) for k in ("model", "eval_data", "eval_tokens", "eval_seq_len", "calib", "calib_samples",
                                               "calib_seq_len", "train_samples", "train_seq_len", "threads",
-                                              "block_samples", "block_epochs", "e2e_steps", "block_weight_lr", "block_quant_lr",
+                                              "block_samples", "block_epochs", "e2e_steps", "block_weight_lr", "block_quant_lr", "block_norm_lr",
                                               "start", "matmul_precision")},
             "budget": "overridden" if reduced else "recipe default",
             "torch": torch.__version__, "machine": os.uname().nodename, "cpus": os.cpu_count()}
@@ -146,6 +147,8 @@ def load_qat(name: str, args: argparse.Namespace) -> list[dict]:
         ap["weight_lr"] = args.block_weight_lr
     if args.block_quant_lr is not None:
         ap["quant_lr"] = args.block_quant_lr
+    if args.block_norm_lr is not None:
+        ap["norm_lr"] = args.block_norm_lr
     return [ap, e2e_stage]
 
 
@@ -179,8 +182,8 @@ def write(out: str, meta: dict, rows: list[dict]) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     budget = ("OVERRIDDEN budget: Block-AP samples {block_samples}, epochs {block_epochs}, E2E-QP steps {e2e_steps}, "
-              "Block-AP weight_lr {block_weight_lr}, quant_lr {block_quant_lr} (None: the recipe's)"
-              .format(**{"block_weight_lr": None, "block_quant_lr": None, **meta}) if meta["budget"] in ("reduced", "overridden")
+              "Block-AP weight_lr {block_weight_lr}, quant_lr {block_quant_lr}, norm_lr {block_norm_lr} (None: the recipe's)"
+              .format(**{"block_weight_lr": None, "block_quant_lr": None, "block_norm_lr": None, **meta}) if meta["budget"] in ("reduced", "overridden")
               else "the built-in recipes' default budget")
     lines = [f"# {meta['model']}: RTN vs GPTQ vs QAT (EfficientQAT), perplexity on {Path(meta['eval_data']).name}", "",
              f"first {meta['eval_tokens']} tokens, {meta['eval_seq_len']}-token windows; calibration {meta['calib_samples']} x "

@@ -457,3 +457,34 @@ def test_block_ap_caps_a_layers_weight_lr_at_a_fraction_of_its_step_size():
                                          "weight_lr_max_step": None}]}).stages[0]
     stage = block_ap_stage(lm, uncapped)
     assert len(stage._groups({n: stage._trainable(lm, n, StageContext()) for n in names})) == 2
+
+
+def test_block_ap_trains_the_norm_gains_only_when_asked():
+    """``norm_lr`` adds the blocks' normalisation gains to what trains (EfficientQAT trains every weight
+    of the block). With the linears' weights and grids frozen the norms alone must lower each block's
+    output error while the codes stay RTN's; without ``norm_lr`` the norms are left bit for bit, and
+    a stage with nothing else to train is refused."""
+    m = _tiny()
+    frozen = {"method": "block-ap", "format": FMT, "samples": 8, "epochs": 20, "weight_lr": 0.0,
+              "step_sizes": "fixed", "quant_lr": 0.0}
+    lm = mp.load(copy.deepcopy(m))
+    rep = mp.compress(lm, {"stages": [{**frozen, "norm_lr": 1e-2}]}, calib=CALIB, progress=False)
+    metrics = [x for s in rep["stages"] for x in s["metrics"] if x.get("stage") == "block-ap"]
+    assert len(metrics) == 2 and all(x["mse_after"] < 0.99 * x["mse_before"] and x["reverted_from"] is None
+                                     for x in metrics), metrics
+    rtn = mp.load(copy.deepcopy(m))
+    mp.compress(rtn, {"stages": [{"method": "rtn", "format": FMT}]}, progress=False)
+    for i in range(2):
+        a, b = lm.module.model.layers[i], m.model.layers[i]
+        assert not torch.equal(a.input_layernorm.weight, b.input_layernorm.weight)
+        assert not torch.equal(a.post_attention_layernorm.weight, b.post_attention_layernorm.weight)
+        for n in ("self_attn.q_proj", "mlp.down_proj"):
+            assert torch.equal(a.get_submodule(n).qtensor().codes, rtn.module.model.layers[i].get_submodule(n).qtensor().codes)
+    plain = mp.load(copy.deepcopy(m))
+    mp.compress(plain, {"stages": [{"method": "block-ap", "format": FMT, "samples": 8, "epochs": 2}]}, calib=CALIB,
+                progress=False)
+    before = dict(m.named_parameters())
+    norms = [n for n, _ in plain.module.named_parameters() if n.endswith("norm.weight")]
+    assert len(norms) == 5 and all(torch.equal(plain.module.get_parameter(n), before[n]) for n in norms)
+    with pytest.raises(ValueError, match="nothing to train"):
+        BlockAPConfig(**{k: v for k, v in frozen.items() if k != "method"})

@@ -77,6 +77,10 @@ class BlockAPConfig(MethodConfig):
         step_sizes: ``learned`` trains step sizes and zero points (integer grids only), ``fixed``
             keeps the grid, ``auto`` learns them where the format allows.
         learn_zero: LSQ+: train the zero points too (asymmetric grids).
+        norm_lr: train the block's normalisation gains and biases (its 1-D parameters outside the
+            linear layers) at this learning rate; None keeps them. Why: EfficientQAT's Block-AP trains
+            every weight of the block, norms included; a norm's gain scales the input channels of the
+            linears it feeds, a per-channel correction the grids cannot make.
         activations: fake-quantise each layer's input too (W8A8 QAT) and pack to W8A8 layers; the
             weight ``format`` must then be int 8-bit symmetric per channel.
 
@@ -98,6 +102,7 @@ class BlockAPConfig(MethodConfig):
     weight_decay: float = Field(0.0, ge=0)
     step_sizes: GridMode = "auto"
     learn_zero: bool = True
+    norm_lr: float | None = Field(None, gt=0, description="train the block's norm gains / biases at this lr (None: kept)")
     activations: ActFakeSpec | None = None
     seed: int = Field(0, ge=0)
 
@@ -118,8 +123,8 @@ class BlockAPConfig(MethodConfig):
             raise ValueError(f"activations: {why}")
         grid_trains = self.quant_lr > 0 and self.step_sizes != "fixed" and learnable_grid(self.format)
         grid_trains |= self.quant_lr > 0 and self.activations is not None and self.activations.mode == "static"
-        if self.weight_lr == 0 and not grid_trains:
-            raise ValueError("nothing to train: weight_lr is 0 and the grid is fixed (step_sizes: fixed, quant_lr 0, or a "
+        if self.weight_lr == 0 and not grid_trains and self.norm_lr is None:
+            raise ValueError("nothing to train: weight_lr is 0, norm_lr is unset and the grid is fixed (step_sizes: fixed, quant_lr 0, or a "
                              f"format without learnable step sizes: {self.format.type})")
         return self
 
@@ -146,15 +151,20 @@ class BlockAPStage:
             ctx.warn(f"block-ap: samples {self.cfg.samples} asked, {n_use} calibration sequences given; trained on {n_use}")
         x, y = inputs.hidden[:n_use].clone(), targets[:n_use]
         calibrate_static(list(fakes.values()), lambda: _run_block(block, x, inputs.kwargs, self.cfg.batch_size))
-        frozen = _freeze_all_but(block, [p for g in self._groups(fakes) for p in g["params"]])
+        groups = self._groups(fakes)
+        if self.cfg.norm_lr is not None:
+            groups.append({"params": norm_params(block), "lr": self.cfg.norm_lr})
+        frozen = _freeze_all_but(block, [p for g in groups for p in g["params"]])
         try:
             with matmul_precision(ctx.matmul_precision):  # training's forwards and backwards, like the run's
-                fit = reconstruct(block, self._groups(fakes), x, y, inputs.kwargs, epochs=self.cfg.epochs,
+                fit = reconstruct(block, groups, x, y, inputs.kwargs, epochs=self.cfg.epochs,
                                   batch_size=self.cfg.batch_size, weight_decay=self.cfg.weight_decay,
                                   seed=self.cfg.seed * 100_003 + index)
         finally:
             _restore_flags(frozen)
         self._pack(lm, index, prefix, fakes, ctx, fit)
+        if self.cfg.norm_lr is not None:
+            ctx.metrics[-1]["norm_params_trained"] = sum(p.numel() for p in groups[-1]["params"])
 
     def _groups(self, fakes: dict[str, FakeQuantLinear]) -> list[dict[str, Any]]:
         """AdamW groups: the weights at ``weight_lr`` (a layer whose cap binds in a group of its own, at
@@ -234,6 +244,18 @@ class BlockAPStage:
         ctx.metrics.append({"stage": "block-ap", "block": index, "mse_before": fit.mse_before,
                             "mse_after": fit.mse_after, "steps": fit.steps, "tokens": fit.tokens,
                             "cpu_s": fit.cpu_s, "epoch_losses": fit.losses, "reverted_from": fit.reverted_from})
+
+
+def norm_params(block: nn.Module) -> list[nn.Parameter]:
+    """The block's 1-D parameters outside its layers that hold a matrix (float, quantised or
+    fake-quantised, everything inside them included): normalisation gains and biases, found by shape,
+    not by architecture."""
+    inside: set[int] = set()
+    for m in block.modules():
+        if isinstance(m, (FakeQuantLinear, QuantLinear, ActQuantLinear)) or \
+                any(p.dim() >= 2 for p in m.parameters(recurse=False)):
+            inside.update(id(p) for p in m.parameters())
+    return [p for p in block.parameters() if id(p) not in inside and p.dim() == 1 and p.is_floating_point()]
 
 
 @torch.no_grad()
