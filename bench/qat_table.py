@@ -49,6 +49,10 @@ def main() -> None:
     ap.add_argument("--block-weight-lr", type=float, default=None, help="override the recipe's Block-AP weight_lr")
     ap.add_argument("--block-quant-lr", type=float, default=None, help="override the recipe's Block-AP quant_lr")
     ap.add_argument("--block-norm-lr", type=float, default=None, help="Block-AP also trains the norm gains at this lr")
+    ap.add_argument("--e2e-lr", type=float, default=None, help="override the recipe's E2E-QP lr")
+    ap.add_argument("--block-ap-state", default=None,
+                    help="a file: the Block-AP model is saved there, or loaded from it when it exists (E2E-QP "
+                         "variants on one Block-AP run; one bit width)")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--start", choices=["float", "gptq"], default="float",
                     help="Block-AP's start: the float layers (the recipe: RTN grid, float weight trained through it) "
@@ -67,11 +71,11 @@ def main() -> None:
     base_lm, calib, ppl, fresh = float_model_and_eval(args)
     train = training_for(base_lm, args.calib, args.train_samples, args.train_seq_len, seed=1)
     reduced = any(v is not None for v in (args.block_samples, args.block_epochs, args.e2e_steps,
-                                          args.block_weight_lr, args.block_quant_lr, args.block_norm_lr))
+                                          args.block_weight_lr, args.block_quant_lr, args.block_norm_lr, args.e2e_lr))
 
     meta = {**{k: getattr(args, k) for k in ("model", "eval_data", "eval_tokens", "eval_seq_len", "calib", "calib_samples",
                                               "calib_seq_len", "train_samples", "train_seq_len", "threads",
-                                              "block_samples", "block_epochs", "e2e_steps", "block_weight_lr", "block_quant_lr", "block_norm_lr",
+                                              "block_samples", "block_epochs", "e2e_steps", "block_weight_lr", "block_quant_lr", "block_norm_lr", "e2e_lr", "block_ap_state",
                                               "start", "matmul_precision")},
             "budget": "overridden" if reduced else "recipe default",
             "torch": torch.__version__, "machine": os.uname().nodename, "cpus": os.cpu_count()}
@@ -100,11 +104,19 @@ def main() -> None:
         stages = load_qat(qat, args)
         lm, l0 = fresh(), os.getloadavg()[0]
         first = [{**_ptq_stage("gptq", bits), "format": stages[0]["format"]}] if args.start == "gptq" else []
-        rep = mp.compress(lm, {"name": f"{qat} block-ap", "stages": first + [stages[0]]}, calib=calib,
-                          progress=False, matmul_precision=args.matmul_precision)
+        saved = Path(args.block_ap_state) if args.block_ap_state else None
+        loaded = saved is not None and saved.exists()
+        if loaded:  # the same Block-AP model, from an earlier run
+            kept = torch.load(saved, weights_only=False)
+            lm.module, rep = kept["module"], kept["report"]
+        else:
+            rep = mp.compress(lm, {"name": f"{qat} block-ap", "stages": first + [stages[0]]}, calib=calib,
+                              progress=False, matmul_precision=args.matmul_precision)
+            if saved is not None:
+                torch.save({"module": lm.module, "report": rep, "stage": stages[0]}, saved)
         blocks = [m for s in rep["stages"] for m in s["metrics"] if m.get("stage") == "block-ap"]
         per_block = blocks[0]["tokens"] if blocks else 0
-        start = " from GPTQ" if args.start == "gptq" else ""
+        start = (" from GPTQ" if args.start == "gptq" else "") + (" (loaded)" if loaded else "")
         add(f"{qat}: Block-AP{start}{' (budget overridden)' if reduced else ''}", lm, rep, rep["compress_s"], rep["compress_cpu_s"],
             f"{per_block:,} per block x {len(blocks)}", (l0, os.getloadavg()[0]))
         if args.skip_e2e:
@@ -143,6 +155,8 @@ def load_qat(name: str, args: argparse.Namespace) -> list[dict]:
         ap["epochs"] = args.block_epochs
     if args.e2e_steps is not None:
         e2e_stage["train"]["steps"] = args.e2e_steps
+    if args.e2e_lr is not None:
+        e2e_stage["train"]["lr"] = args.e2e_lr
     if args.block_weight_lr is not None:
         ap["weight_lr"] = args.block_weight_lr
     if args.block_quant_lr is not None:
@@ -182,8 +196,9 @@ def write(out: str, meta: dict, rows: list[dict]) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     budget = ("OVERRIDDEN budget: Block-AP samples {block_samples}, epochs {block_epochs}, E2E-QP steps {e2e_steps}, "
-              "Block-AP weight_lr {block_weight_lr}, quant_lr {block_quant_lr}, norm_lr {block_norm_lr} (None: the recipe's)"
-              .format(**{"block_weight_lr": None, "block_quant_lr": None, "block_norm_lr": None, **meta}) if meta["budget"] in ("reduced", "overridden")
+              "Block-AP weight_lr {block_weight_lr}, quant_lr {block_quant_lr}, norm_lr {block_norm_lr}, E2E-QP lr {e2e_lr} "
+              "(None: the recipe's)".format(**{"block_weight_lr": None, "block_quant_lr": None, "block_norm_lr": None,
+                                               "e2e_lr": None, **meta}) if meta["budget"] in ("reduced", "overridden")
               else "the built-in recipes' default budget")
     lines = [f"# {meta['model']}: RTN vs GPTQ vs QAT (EfficientQAT), perplexity on {Path(meta['eval_data']).name}", "",
              f"first {meta['eval_tokens']} tokens, {meta['eval_seq_len']}-token windows; calibration {meta['calib_samples']} x "
