@@ -128,7 +128,7 @@ def encoder_sparsity(module: torch.nn.Module) -> dict:
     """Zeros in the weights the layers compute with, over the encoder blocks' linear layers."""
     from modelpress.sparsity.layer import SparseLayer
 
-    zeros, total, per, dead, rows = 0, 0, [], 0, 0
+    zeros, total, per, dead, rows, unused, cols = 0, 0, [], 0, 0, 0, 0
     for n, m in module.named_modules():
         if ENCODER in n and isinstance(m, (torch.nn.Linear, SparseLayer)):
             w = m.effective_weight() if isinstance(m, SparseLayer) else m.weight
@@ -136,10 +136,12 @@ def encoder_sparsity(module: torch.nn.Module) -> dict:
             zeros, total = zeros + z, total + w.numel()
             per.append(z / w.numel())
             dead, rows = dead + int((w != 0).sum(1).eq(0).sum()), rows + w.shape[0]
-    # output rows with no weight left: units whose output is the bias alone (a concentration a
-    # layer-wide ranking can produce and a per-row one cannot)
+            unused, cols = unused + int((w != 0).sum(0).eq(0).sum()), cols + w.shape[1]
+    # output rows with no weight left (units whose output is the bias alone) and input columns no
+    # weight reads: concentrations a layer-wide ranking can produce and a per-row one cannot (rows)
     return {"sparsity": zeros / total, "layers": len(per), "weights": total,
-            "layer_sparsity_min_max": [min(per), max(per)], "empty_rows": dead / rows}
+            "layer_sparsity_min_max": [min(per), max(per)], "empty_rows": dead / rows,
+            "empty_cols": unused / cols}
 
 
 def run(a: argparse.Namespace) -> None:
@@ -222,12 +224,14 @@ def write(out: str, meta: dict, rows: list[dict]) -> None:
              f"{'output row' if meta.get('per_output') else 'layer'}, cubic schedule from {s['start']:.0%} to "
              f"{s['end']:.0%} of the steps, masks updated every "
              f"{s['every']} step(s). {meta['threads']} thread(s), torch {meta['torch']}, {meta['cpus']} CPUs.", "",
-             "| row | test Spearman | dev (train) Spearman | encoder sparsity | empty output rows | training tokens | "
+             "| row | test Spearman | dev (train) Spearman | encoder sparsity | empty output rows | unread input columns | "
+             "training tokens | "
              "steps | train CPU s | row CPU s (incl. eval) | train wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {NAMES.get(r['row'], r['row'])} | {r['spearman']:.2f} | {r['dev_spearman']:.2f} | "
-                     f"{r['sparsity']:.4f} | {_pct(r.get('empty_rows'))} | {r['tokens']:,} | {r['steps']} | {r['train_cpu_s']:.0f} | "
+                     f"{r['sparsity']:.4f} | {_pct(r.get('empty_rows'))} | {_pct(r.get('empty_cols'))} | "
+                     f"{r['tokens']:,} | {r['steps']} | {r['train_cpu_s']:.0f} | "
                      f"{r['row_cpu_s']:.0f} | {r['train_wall_s']:.0f} |")
     lines += ["", "Notes:", "",
               "- STS-B train is not available here: every trained row trains on the dev pairs; test is never trained on.",
