@@ -28,6 +28,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _compress_setup import float_model_and_eval  # noqa: E402
 
+#: (argument, stage: 0 Block-AP / 1 E2E-QP, key in that stage (dots: nested), label in the table's header):
+#: the recipe settings the command line may override
+OVERRIDES = [("block_samples", 0, "samples", "Block-AP samples"), ("block_epochs", 0, "epochs", "epochs"),
+             ("block_weight_lr", 0, "weight_lr", "weight_lr"), ("block_quant_lr", 0, "quant_lr", "quant_lr"),
+             ("block_norm_lr", 0, "norm_lr", "norm_lr"), ("e2e_steps", 1, "train.steps", "E2E-QP steps"),
+             ("e2e_lr", 1, "train.lr", "E2E-QP lr")]
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,13 +77,11 @@ def main() -> None:
 
     base_lm, calib, ppl, fresh = float_model_and_eval(args)
     train = training_for(base_lm, args.calib, args.train_samples, args.train_seq_len, seed=1)
-    reduced = any(v is not None for v in (args.block_samples, args.block_epochs, args.e2e_steps,
-                                          args.block_weight_lr, args.block_quant_lr, args.block_norm_lr, args.e2e_lr))
+    reduced = any(getattr(args, a) is not None for a, *_ in OVERRIDES)
 
     meta = {**{k: getattr(args, k) for k in ("model", "eval_data", "eval_tokens", "eval_seq_len", "calib", "calib_samples",
                                               "calib_seq_len", "train_samples", "train_seq_len", "threads",
-                                              "block_samples", "block_epochs", "e2e_steps", "block_weight_lr", "block_quant_lr", "block_norm_lr", "e2e_lr", "block_ap_state",
-                                              "start", "matmul_precision")},
+                                              "block_ap_state", "start", "matmul_precision", *(a for a, *_ in OVERRIDES))},
             "budget": "overridden" if reduced else "recipe default",
             "torch": torch.__version__, "machine": os.uname().nodename, "cpus": os.cpu_count()}
     base = ppl(base_lm.module)
@@ -148,22 +153,15 @@ def load_qat(name: str, args: argparse.Namespace) -> list[dict]:
     """The QAT recipe's two stages (Block-AP, E2E-QP) as dicts, with the budget overrides applied."""
     from modelpress.pipeline.recipe import load_recipe
 
-    ap, e2e_stage = [s.to_dict() for s in load_recipe(name).stages]
-    if args.block_samples is not None:
-        ap["samples"] = args.block_samples
-    if args.block_epochs is not None:
-        ap["epochs"] = args.block_epochs
-    if args.e2e_steps is not None:
-        e2e_stage["train"]["steps"] = args.e2e_steps
-    if args.e2e_lr is not None:
-        e2e_stage["train"]["lr"] = args.e2e_lr
-    if args.block_weight_lr is not None:
-        ap["weight_lr"] = args.block_weight_lr
-    if args.block_quant_lr is not None:
-        ap["quant_lr"] = args.block_quant_lr
-    if args.block_norm_lr is not None:
-        ap["norm_lr"] = args.block_norm_lr
-    return [ap, e2e_stage]
+    stages = [s.to_dict() for s in load_recipe(name).stages]
+    for arg, index, key, _ in OVERRIDES:
+        if getattr(args, arg) is not None:
+            *parents, last = key.split(".")
+            target = stages[index]
+            for k in parents:
+                target = target[k]
+            target[last] = getattr(args, arg)
+    return stages
 
 
 def e2e(float_lm, lm, stage: dict, train, precision: str = "fp32") -> dict:
@@ -195,10 +193,8 @@ def _peak() -> int:
 def write(out: str, meta: dict, rows: list[dict]) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    budget = ("OVERRIDDEN budget: Block-AP samples {block_samples}, epochs {block_epochs}, E2E-QP steps {e2e_steps}, "
-              "Block-AP weight_lr {block_weight_lr}, quant_lr {block_quant_lr}, norm_lr {block_norm_lr}, E2E-QP lr {e2e_lr} "
-              "(None: the recipe's)".format(**{"block_weight_lr": None, "block_quant_lr": None, "block_norm_lr": None,
-                                               "e2e_lr": None, **meta}) if meta["budget"] in ("reduced", "overridden")
+    budget = ("OVERRIDDEN budget: " + ", ".join(f"{label} {meta.get(arg)}" for arg, _, _, label in OVERRIDES) +
+              " (None: the recipe's)" if meta["budget"] in ("reduced", "overridden")
               else "the built-in recipes' default budget")
     lines = [f"# {meta['model']}: RTN vs GPTQ vs QAT (EfficientQAT), perplexity on {Path(meta['eval_data']).name}", "",
              f"first {meta['eval_tokens']} tokens, {meta['eval_seq_len']}-token windows; calibration {meta['calib_samples']} x "

@@ -151,9 +151,8 @@ class BlockAPStage:
             ctx.warn(f"block-ap: samples {self.cfg.samples} asked, {n_use} calibration sequences given; trained on {n_use}")
         x, y = inputs.hidden[:n_use].clone(), targets[:n_use]
         calibrate_static(list(fakes.values()), lambda: _run_block(block, x, inputs.kwargs, self.cfg.batch_size))
-        groups = self._groups(fakes)
-        if self.cfg.norm_lr is not None:
-            groups.append({"params": norm_params(block), "lr": self.cfg.norm_lr})
+        norms = norm_params(block) if self.cfg.norm_lr is not None else []
+        groups = self._groups(fakes) + ([{"params": norms, "lr": self.cfg.norm_lr}] if norms else [])
         frozen = _freeze_all_but(block, [p for g in groups for p in g["params"]])
         try:
             with matmul_precision(ctx.matmul_precision):  # training's forwards and backwards, like the run's
@@ -163,8 +162,8 @@ class BlockAPStage:
         finally:
             _restore_flags(frozen)
         self._pack(lm, index, prefix, fakes, ctx, fit)
-        if self.cfg.norm_lr is not None:
-            ctx.metrics[-1]["norm_params_trained"] = sum(p.numel() for p in groups[-1]["params"])
+        if norms:
+            ctx.metrics[-1]["norm_params_trained"] = sum(p.numel() for p in norms)
 
     def _groups(self, fakes: dict[str, FakeQuantLinear]) -> list[dict[str, Any]]:
         """AdamW groups: the weights at ``weight_lr`` (a layer whose cap binds in a group of its own, at
