@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--batch-pairs", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-4, help="weights' learning rate, every trained row")
     ap.add_argument("--warmup", type=float, default=0.1)
+    ap.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip, every trained row (0: none)")
     ap.add_argument("--start", type=float, default=0.1, help="pruning starts at this fraction of the steps")
     ap.add_argument("--end", type=float, default=0.8, help="final sparsity reached at this fraction")
     ap.add_argument("--every", type=int, default=1, help="optimizer steps between mask updates")
@@ -90,7 +91,7 @@ def budget(a: argparse.Namespace, n_pairs: int) -> dict:
     """The training config every trained row shares (a ``TrainConfig`` dict)."""
     steps = a.epochs * (n_pairs // a.batch_pairs)
     return {"steps": steps, "batch_size": a.batch_pairs, "lr": a.lr, "warmup": a.warmup, "schedule": "linear",
-            "clip": 1.0, "weight_decay": 0.0, "seed": 0, "checkpoint_every": steps + 1, "log_every": 10}
+            "clip": a.clip or None, "weight_decay": 0.0, "seed": 0, "checkpoint_every": steps + 1, "log_every": 10}
 
 
 def stage(a: argparse.Namespace, row: str, train: dict) -> dict:
@@ -129,6 +130,7 @@ def encoder_sparsity(module: torch.nn.Module) -> dict:
     from modelpress.sparsity.layer import SparseLayer
 
     zeros, total, per, dead, rows, unused, cols = 0, 0, [], 0, 0, 0, 0
+    top_rows, top_cols, kept = 0, 0, 0
     for n, m in module.named_modules():
         if ENCODER in n and isinstance(m, (torch.nn.Linear, SparseLayer)):
             w = m.effective_weight() if isinstance(m, SparseLayer) else m.weight
@@ -137,11 +139,18 @@ def encoder_sparsity(module: torch.nn.Module) -> dict:
             per.append(z / w.numel())
             dead, rows = dead + int((w != 0).sum(1).eq(0).sum()), rows + w.shape[0]
             unused, cols = unused + int((w != 0).sum(0).eq(0).sum()), cols + w.shape[1]
+            nz = (w != 0).float()
+            top_rows += int(nz.sum(1).topk(max(1, w.shape[0] // 10)).values.sum())
+            top_cols += int(nz.sum(0).topk(max(1, w.shape[1] // 10)).values.sum())
+            kept += int(nz.sum())
     # output rows with no weight left (units whose output is the bias alone) and input columns no
     # weight reads: concentrations a layer-wide ranking can produce and a per-row one cannot (rows)
     return {"sparsity": zeros / total, "layers": len(per), "weights": total,
             "layer_sparsity_min_max": [min(per), max(per)], "empty_rows": dead / rows,
-            "empty_cols": unused / cols}
+            "empty_cols": unused / cols,
+            # how unevenly the kept weights spread: the share held by each layer's densest tenth of the
+            # output rows / input columns (10% when even; a per-row ranking pins the rows' share)
+            "densest_tenth_rows": top_rows / max(1, kept), "densest_tenth_cols": top_cols / max(1, kept)}
 
 
 def run(a: argparse.Namespace) -> None:
@@ -225,12 +234,13 @@ def write(out: str, meta: dict, rows: list[dict]) -> None:
              f"{s['end']:.0%} of the steps, masks updated every "
              f"{s['every']} step(s). {meta['threads']} thread(s), torch {meta['torch']}, {meta['cpus']} CPUs.", "",
              "| row | test Spearman | dev (train) Spearman | encoder sparsity | empty output rows | unread input columns | "
-             "training tokens | "
+             "kept in densest 10% of rows | of columns | training tokens | "
              "steps | train CPU s | row CPU s (incl. eval) | train wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {NAMES.get(r['row'], r['row'])} | {r['spearman']:.2f} | {r['dev_spearman']:.2f} | "
                      f"{r['sparsity']:.4f} | {_pct(r.get('empty_rows'))} | {_pct(r.get('empty_cols'))} | "
+                     f"{_pct(r.get('densest_tenth_rows'))} | {_pct(r.get('densest_tenth_cols'))} | "
                      f"{r['tokens']:,} | {r['steps']} | {r['train_cpu_s']:.0f} | "
                      f"{r['row_cpu_s']:.0f} | {r['train_wall_s']:.0f} |")
     lines += ["", "Notes:", "",

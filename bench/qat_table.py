@@ -32,6 +32,7 @@ from _compress_setup import float_model_and_eval  # noqa: E402
 #: the recipe settings the command line may override
 OVERRIDES = [("block_samples", 0, "samples", "Block-AP samples"), ("block_epochs", 0, "epochs", "epochs"),
              ("block_weight_lr", 0, "weight_lr", "weight_lr"), ("block_quant_lr", 0, "quant_lr", "quant_lr"),
+             ("block_weight_lr_max_step", 0, "weight_lr_max_step", "weight_lr_max_step"),
              ("block_norm_lr", 0, "norm_lr", "norm_lr"), ("e2e_steps", 1, "train.steps", "E2E-QP steps"),
              ("e2e_lr", 1, "train.lr", "E2E-QP lr")]
 
@@ -55,6 +56,8 @@ def main() -> None:
     ap.add_argument("--e2e-steps", type=int, default=None, help="override the recipe's E2E-QP steps")
     ap.add_argument("--block-weight-lr", type=float, default=None, help="override the recipe's Block-AP weight_lr")
     ap.add_argument("--block-quant-lr", type=float, default=None, help="override the recipe's Block-AP quant_lr")
+    ap.add_argument("--block-weight-lr-max-step", type=float, default=None,
+                    help="override the recipe's Block-AP weight_lr_max_step (cap: this fraction of a layer's mean step)")
     ap.add_argument("--block-norm-lr", type=float, default=None, help="Block-AP also trains the norm gains at this lr")
     ap.add_argument("--e2e-lr", type=float, default=None, help="override the recipe's E2E-QP lr")
     ap.add_argument("--block-ap-state", default=None,

@@ -14,7 +14,7 @@ import torch
 
 from modelpress.core.errors import ModelpressError
 from modelpress.distill.losses import hard_ce
-from modelpress.distill.trainer import TrainConfig, TrainData, Trainer, lr_lambda, sample_order
+from modelpress.distill.trainer import TrainConfig, TrainData, Trainer, lr_lambda, own_lr, sample_order
 from tests.conftest import make_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,6 +47,30 @@ def test_schedules_and_sample_order():
     assert torch.equal(a, sample_order(20, 3, 4, seed=7)) and len(set(a.tolist())) == 4
     epoch = torch.cat([sample_order(20, s, 4, seed=7) for s in range(5)])
     assert sorted(epoch.tolist()) == list(range(20))  # one epoch visits every sample once
+
+
+def test_a_marked_parameter_trains_at_its_own_rate_under_the_shared_schedule():
+    """Adam's first step moves every element by its group's rate (m / sqrt(v) = sign(g)): the marked norm
+    gain by 1e-2, the rest by the config's 1e-4; the linear schedule scales both groups alike."""
+    model = make_tiny_llama(seed=1, layers=1)
+    gain = own_lr(model.model.norm.weight, 1e-2)
+    before = copy.deepcopy(model.state_dict())
+    cfg = TrainConfig(steps=4, batch_size=8, lr=1e-4, warmup=0.0, schedule="linear", clip=1.0)
+    trainer = Trainer(model, ce_step, data(), cfg.model_copy(update={"steps": 1, "schedule": "constant"}),
+                      progress=False)
+    trainer.train()
+    moved = (gain.detach() - before["model.norm.weight"]).abs()
+    torch.testing.assert_close(moved, torch.full_like(moved, 1e-2), rtol=1e-3, atol=0)
+    other = (model.model.layers[0].mlp.up_proj.weight.detach() - before["model.layers.0.mlp.up_proj.weight"]).abs()
+    assert other.max() == pytest.approx(1e-4, rel=1e-3) and other.max() < 0.02 * moved.min()
+    trainer = Trainer(make_tiny_llama(seed=1, layers=1), ce_step, data(), cfg, progress=False)
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [1e-4, 1e-4]  # nothing marked: the two base groups
+    model = make_tiny_llama(seed=1, layers=1)
+    own_lr(model.model.norm.weight, 1e-2)
+    trainer = Trainer(model, ce_step, data(), cfg, progress=False)
+    trainer.train()
+    lam = lr_lambda("linear", 4, 0.0)(4)
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([1e-4 * lam, 1e-4 * lam, 1e-2 * lam])
 
 
 def test_bad_budgets_and_batches_are_refused():

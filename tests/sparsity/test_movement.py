@@ -110,15 +110,15 @@ def test_hard_movement_keeps_exactly_the_top_scored_weights():
 
 def test_soft_scores_get_the_straight_through_gradient():
     lin = torch.nn.Linear(6, 3)
-    layer = MovementLayer(SparseLayer.from_module(lin, torch.ones(3, 6, dtype=torch.bool)), init=0.0, scale=4.0)
+    layer = MovementLayer(SparseLayer.from_module(lin, torch.ones(3, 6, dtype=torch.bool)), init=0.0, lr=0.05)
     layer.tau = 0.4
     x = torch.randn(5, 6)
     gy = torch.randn(5, 3)
     (layer(x) * gy).sum().backward()
     w = lin.weight.detach()
     g_w_eff = gy.t() @ x  # dL/dW' of y = x W'^T + b
-    # S = scale * raw: dL/draw = scale * dL/dS = scale * dL/dW' * W (mask all ones at sigmoid(0) = 0.5 > 0.4)
-    torch.testing.assert_close(layer.raw.grad, 4.0 * g_w_eff * w, rtol=1e-5, atol=1e-6)
+    # dL/dS = dL/dW' * W, unscaled (mask all ones at sigmoid(0) = 0.5 > 0.4)
+    torch.testing.assert_close(layer.score.grad, g_w_eff * w, rtol=1e-5, atol=1e-6)
     layer.tau = 0.6  # every score below the threshold: everything masked, output = bias
     torch.testing.assert_close(layer(x), lin.bias.detach().expand(5, 3))
 
@@ -128,10 +128,10 @@ def test_hard_learned_scores_get_the_straight_through_gradient_pruned_weights_in
     score of a weight the top-v mask drops still moves (and the weight can come back)."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(8, 4)
-    layer = MovementLayer(SparseLayer.from_module(lin, torch.ones(4, 8, dtype=torch.bool)), init=0.0, scale=3.0,
+    layer = MovementLayer(SparseLayer.from_module(lin, torch.ones(4, 8, dtype=torch.bool)), init=0.0, lr=0.05,
                           rule="topv")
     with torch.no_grad():
-        layer.raw.copy_(torch.randn(4, 8))
+        layer.score.copy_(torch.randn(4, 8))
     layer.sparsity = 0.5
     x, gy = torch.randn(5, 8), torch.randn(5, 4)
     (layer(x) * gy).sum().backward()
@@ -140,11 +140,11 @@ def test_hard_learned_scores_get_the_straight_through_gradient_pruned_weights_in
     assert torch.equal(layer.keep().flatten(), keep)
     torch.testing.assert_close(layer(x), x @ (w * keep.view(4, 8)).t() + lin.bias.detach())
     g_w_eff = gy.t() @ x
-    torch.testing.assert_close(layer.raw.grad, 3.0 * g_w_eff * w, rtol=1e-5, atol=1e-6)
-    assert (layer.raw.grad.flatten()[~keep] != 0).all()  # pruned weights' scores move too
+    torch.testing.assert_close(layer.score.grad, g_w_eff * w, rtol=1e-5, atol=1e-6)
+    assert (layer.score.grad.flatten()[~keep] != 0).all()  # pruned weights' scores move too
     pruned = int((~keep).nonzero()[0])
     with torch.no_grad():  # its score climbs above every other: it comes back with its old value
-        layer.raw.view(-1)[pruned] = 100.0
+        layer.score.view(-1)[pruned] = 100.0
     assert layer.keep().flatten()[pruned] and int(layer.keep().sum()) == 16
 
 

@@ -36,7 +36,7 @@ from ...core.errors import ModelpressError
 from ...core.method import METHODS, MethodEntry, StageContext, StageKind
 from ...distill.recover import (Losses, stage_signature, train_against_reference, train_metrics, training_data,
                                 uses_teacher)
-from ...distill.trainer import TrainConfig
+from ...distill.trainer import TrainConfig, own_lr
 from ...models.layers import set_submodule
 from ...models.loading import LoadedModel
 from ..config import PruneConfig
@@ -149,20 +149,20 @@ def top_v(scores: torch.Tensor, sparsity: float, per_output: bool = False) -> to
 class MovementLayer(nn.Module):
     """Training-time form of a SparseLayer with learned movement scores: computes with
     ``W * mask * M(S)``, ``M`` the soft threshold ``sigmoid(S) > tau`` or the hard top-v at ``sparsity``
-    (``rule``); ``S = scale * raw`` so the scores learn at ``scale`` times the weights' rate under Adam
-    (whose step does not depend on the gradient's size)."""
+    (``rule``); ``S`` trains in an optimizer group of its own at ``lr`` (the paper's 1e-2 beside the
+    weights' 3e-5), with its true gradient, so the global clip sees what the paper's does."""
 
-    def __init__(self, layer: SparseLayer, init: float, scale: float, rule: str = "threshold",
+    def __init__(self, layer: SparseLayer, init: float, lr: float, rule: str = "threshold",
                  per_output: bool = False) -> None:
         super().__init__()
         if layer.kind == "conv2d":
             raise ModelpressError("movement pruning with learned scores takes linear layers, not Conv2d")
-        self.inner, self.scale, self.rule, self.per_output = layer, scale, rule, per_output
+        self.inner, self.rule, self.per_output = layer, rule, per_output
         self.tau, self.sparsity = 0.0, 0.0  # the threshold rule's tau; the top-v rule's sparsity
-        self.raw = nn.Parameter(torch.full_like(layer.weight, init / scale, dtype=torch.float32))
+        self.score = own_lr(nn.Parameter(torch.full_like(layer.weight, init, dtype=torch.float32)), lr)
 
     def scores(self) -> torch.Tensor:
-        return self.raw * self.scale
+        return self.score
 
     def _mask(self, s: torch.Tensor) -> torch.Tensor:
         if self.rule == "topv":
@@ -221,8 +221,8 @@ class SoftThreshold:
 def _learned(lm: LoadedModel, cfg: MovementConfig, layers: dict[str, SparseLayer], total: int, ctx: StageContext):
     """Train with learned scores: soft (threshold + L1 penalty) or hard (top-v on the cubic schedule)."""
     hard = cfg.variant == "hard"
-    wrapped = {n: MovementLayer(m, cfg.score_init, cfg.score_lr / cfg.train.lr, "topv" if hard else "threshold",
-                                cfg.per_output) for n, m in layers.items()}
+    wrapped = {n: MovementLayer(m, cfg.score_init, cfg.score_lr, "topv" if hard else "threshold", cfg.per_output)
+               for n, m in layers.items()}
     for n, w in wrapped.items():
         set_submodule(lm.module, n, w)
     hooks = SoftThreshold(wrapped, cfg.schedule, cfg.threshold, total, cfg.target_sparsity() if hard else None)
