@@ -203,7 +203,8 @@ def run(a: argparse.Namespace) -> None:
             res = next(m for s in report["stages"] for m in s.get("metrics", []))
             extra = {"stage": {k: v for k, v in st.items() if k != "train"}}
         add(row, lm.module, {"steps": res["steps"], "tokens": res["tokens"], "train_cpu_s": res["cpu_s"],
-                             "train_wall_s": res["wall_s"], "loss_first_last": [res["losses"][0][1], res["losses"][-1][1]]},
+                             "train_wall_s": res["wall_s"], "loss_first_last": [res["losses"][0][1], res["losses"][-1][1]],
+                             **{k: v for k, v in res.items() if k.startswith("mask_churn")}},
             t0, c0, **extra)
     meta |= {"load_avg_end": os.getloadavg(), "total_wall_s": time.perf_counter() - t_all,
              "total_cpu_s": time.process_time() - c_all}

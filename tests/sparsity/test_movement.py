@@ -14,7 +14,7 @@ from modelpress.core.errors import ModelpressError
 from modelpress.distill.losses import hard_ce
 from modelpress.distill.trainer import TrainConfig, TrainData, Trainer, sample_order
 from modelpress.pipeline.recipe import parse_recipe
-from modelpress.sparsity.algos.movement import MovementConfig, MovementLayer, MovementScores, top_v
+from modelpress.sparsity.algos.movement import MovementConfig, MovementLayer, MovementScores, SoftThreshold, top_v
 from modelpress.sparsity.algos.gradual import sparse_layers
 from modelpress.sparsity.layer import SparseLayer
 from tests.conftest import make_tiny_llama
@@ -146,6 +146,28 @@ def test_hard_learned_scores_get_the_straight_through_gradient_pruned_weights_in
     with torch.no_grad():  # its score climbs above every other: it comes back with its old value
         layer.score.view(-1)[pruned] = 100.0
     assert layer.keep().flatten()[pruned] and int(layer.keep().sum()) == 16
+
+
+def test_churn_counts_the_kept_weights_a_step_swaps_out_not_the_schedule_tightening():
+    """Learned masks can swap weights at every step; the hook reports which share of the kept weights
+    each update dropped, at unchanged sparsity (a tighter schedule step is not churn)."""
+    from modelpress.sparsity.algos.gradual import CubicSchedule
+
+    lin = torch.nn.Linear(10, 4)
+    layer = MovementLayer(SparseLayer.from_module(lin, torch.ones(4, 10, dtype=torch.bool)), 0.0, 0.01, "topv")
+    with torch.no_grad():
+        layer.score.copy_(torch.arange(40, dtype=torch.float32).view(4, 10))
+    hook = SoftThreshold({"l": layer}, CubicSchedule(start=0.0, end=0.5, every=1), 0.1, total=10,
+                         final_sparsity=0.5)
+    for step in range(1, 11):
+        with torch.no_grad():
+            if step == 7:  # at the final 50%: the three lowest scores jump above the rest
+                layer.score.view(-1)[:3] += 100.0
+        hook.on_step(step, None, None)
+    churn = dict(hook.churn)
+    assert churn[7] == pytest.approx(3 / 20)  # 3 of the 20 kept swapped out
+    assert all(c == 0.0 for s, c in churn.items() if s != 7)  # tightening (steps 1-5) drops none by churn
+    assert hook.churn_summary()["mask_churn_at_final"] == pytest.approx(3 / 20 / 5)  # steps 6..10 at 50%
 
 
 def test_top_v_keeps_exactly_the_highest_per_layer_or_per_row():

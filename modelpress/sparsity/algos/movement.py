@@ -190,6 +190,10 @@ class SoftThreshold:
                  total: int, final_sparsity: float | None = None) -> None:
         self.layers, self.schedule, self.threshold, self.total = layers, schedule, threshold, total
         self.final_sparsity = final_sparsity
+        #: (step, fraction of the weights kept before the step that the step's update dropped): learned
+        #: masks can swap weights at every step, and a mask still churning at the end has not settled
+        self.churn: list[tuple[int, float]] = []
+        self._kept: dict[str, torch.Tensor] | None = None
         self.set(0)
 
     def set(self, step: int) -> None:
@@ -209,12 +213,33 @@ class SoftThreshold:
         pass
 
     def on_step(self, step: int, model: nn.Module, optimizer: Any) -> None:
+        kept = {n: m.keep() for n, m in self.layers.items()}  # the masks the step's update left
+        if self._kept is not None:
+            before = sum(int(k.sum()) for k in self._kept.values())
+            dropped = sum(int((self._kept[n] & ~kept[n]).sum()) for n in kept)
+            self.churn.append((step, dropped / before if before else 0.0))
+        rule = [(m.sparsity, m.tau) for m in self.layers.values()]
         self.set(step)
+        unchanged = rule == [(m.sparsity, m.tau) for m in self.layers.values()]
+        # the masks the next step computes with
+        self._kept = kept if unchanged else {n: m.keep() for n, m in self.layers.items()}
+
+    def churn_summary(self) -> dict[str, float]:
+        """Mean churn over the last fifth of the steps and over the steps at the final sparsity or tau."""
+        if not self.churn:
+            return {}
+        tail = [c for _, c in self.churn[-max(1, len(self.churn) // 5):]]
+        t0, dt, n = self.schedule.steps(self.total)
+        final = [c for s, c in self.churn if s > t0 + n * dt]
+        return {"mask_churn_last_fifth": sum(tail) / len(tail),
+                **({"mask_churn_at_final": sum(final) / len(final)} if final else {})}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step}
+        return {"step": self.step, "churn": list(self.churn)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.churn = [tuple(c) for c in state.get("churn", [])]
+        self._kept = None
         self.set(int(state["step"]))
 
 
@@ -242,15 +267,17 @@ def run_movement(lm: LoadedModel, cfg: MovementConfig, ctx: StageContext) -> Non
     """Train while movement scores decide the masks; the result is SparseLayer pruning."""
     total = budget_steps(cfg.train, int(training_data(ctx, cfg.method).input_ids.shape[1]), cfg.method)
     layers = sparse_layers(lm, cfg)
+    churn: dict[str, float] = {}
     if cfg.learned:
-        result, _ = _learned(lm, cfg, layers, total, ctx)
+        result, learned = _learned(lm, cfg, layers, total, ctx)
+        churn = learned.churn_summary()
     else:
         hooks = MovementScores(layers, cfg.schedule, cfg.target_sparsity(), total, scope=cfg.scope,
                                per_output=cfg.per_output)
         result = train_against_reference(lm, ctx, cfg.losses, cfg.train, name=cfg.method, hooks=hooks,
                                          signature=stage_signature(cfg, ctx))
     sparsity = sum(int((~m.mask).sum()) for m in layers.values()) / max(1, sum(m.mask.numel() for m in layers.values()))
-    train_metrics(cfg.method, result, ctx, variant=cfg.variant, sparsity=sparsity)
+    train_metrics(cfg.method, result, ctx, variant=cfg.variant, sparsity=sparsity, **churn)
     finish_layers(lm, cfg, layers, ctx, f"movement ({cfg.variant}): {result.steps} training steps")
 
 
