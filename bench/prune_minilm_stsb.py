@@ -125,9 +125,12 @@ def random_control(lm, a: argparse.Namespace, data, train: dict) -> dict:
                                    signature={}, hooks=hooks).to_dict()
 
 
-def encoder_sparsity(module: torch.nn.Module) -> dict:
-    """Zeros in the weights the layers compute with, over the encoder blocks' linear layers."""
+def encoder_sparsity(module: torch.nn.Module, reference: torch.nn.Module | None = None) -> dict:
+    """Zeros in the weights the layers compute with, over the encoder blocks' linear layers (and, with
+    the unpruned ``reference``, the share of its squared weight norm the pruned layers still carry)."""
     from modelpress.sparsity.layer import SparseLayer
+
+    energy, energy_ref = 0.0, 0.0
 
     zeros, total, per, dead, rows, unused, cols = 0, 0, [], 0, 0, 0, 0
     top_rows, top_cols, kept = 0, 0, 0
@@ -143,6 +146,9 @@ def encoder_sparsity(module: torch.nn.Module) -> dict:
             top_rows += int(nz.sum(1).topk(max(1, w.shape[0] // 10)).values.sum())
             top_cols += int(nz.sum(0).topk(max(1, w.shape[1] // 10)).values.sum())
             kept += int(nz.sum())
+            if reference is not None:
+                energy += float(w.detach().float().pow(2).sum())
+                energy_ref += float(reference.get_submodule(n).weight.detach().float().pow(2).sum())
     # output rows with no weight left (units whose output is the bias alone) and input columns no
     # weight reads: concentrations a layer-wide ranking can produce and a per-row one cannot (rows)
     return {"sparsity": zeros / total, "layers": len(per), "weights": total,
@@ -150,7 +156,9 @@ def encoder_sparsity(module: torch.nn.Module) -> dict:
             "empty_cols": unused / cols,
             # how unevenly the kept weights spread: the share held by each layer's densest tenth of the
             # output rows / input columns (10% when even; a per-row ranking pins the rows' share)
-            "densest_tenth_rows": top_rows / max(1, kept), "densest_tenth_cols": top_cols / max(1, kept)}
+            "densest_tenth_rows": top_rows / max(1, kept), "densest_tenth_cols": top_cols / max(1, kept),
+            # ||W_pruned||^2 / ||W_dense||^2: a mask of small weights leaves layers that barely act
+            **({"weight_energy_kept": energy / energy_ref} if energy_ref else {})}
 
 
 def run(a: argparse.Namespace) -> None:
@@ -178,7 +186,7 @@ def run(a: argparse.Namespace) -> None:
 
     def add(name: str, module: torch.nn.Module, trained: dict | None, t0: float, c0: float, **extra) -> None:
         rows.append({"row": name, "spearman": score(module, tok, test), "dev_spearman": score(module, tok, dev),
-                     **encoder_sparsity(module), **(trained or {"steps": 0, "tokens": 0, "train_cpu_s": 0.0,
+                     **encoder_sparsity(module, base.module), **(trained or {"steps": 0, "tokens": 0, "train_cpu_s": 0.0,
                                                               "train_wall_s": 0.0}),
                      "row_cpu_s": time.process_time() - c0, "row_wall_s": time.perf_counter() - t0, **extra,
                      "load_avg_1min": os.getloadavg()[0]})
@@ -216,8 +224,8 @@ NAMES = {"dense": "dense fine-tune", "magnitude": "magnitude (gradual, cubic)", 
          "movement-soft": "movement (soft)", "random": "random score (control)"}
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x:.1%}"
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:.{digits}%}"
 
 
 def write(out: str, meta: dict, rows: list[dict]) -> None:
@@ -235,13 +243,14 @@ def write(out: str, meta: dict, rows: list[dict]) -> None:
              f"{s['end']:.0%} of the steps, masks updated every "
              f"{s['every']} step(s). {meta['threads']} thread(s), torch {meta['torch']}, {meta['cpus']} CPUs.", "",
              "| row | test Spearman | dev (train) Spearman | encoder sparsity | empty output rows | unread input columns | "
-             "kept in densest 10% of rows | of columns | training tokens | "
-             "steps | train CPU s | row CPU s (incl. eval) | train wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "kept in densest 10% of rows | of columns | weight norm² kept | mask churn / step (final) | "
+             "training tokens | steps | train CPU s | row CPU s (incl. eval) | train wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {NAMES.get(r['row'], r['row'])} | {r['spearman']:.2f} | {r['dev_spearman']:.2f} | "
                      f"{r['sparsity']:.4f} | {_pct(r.get('empty_rows'))} | {_pct(r.get('empty_cols'))} | "
                      f"{_pct(r.get('densest_tenth_rows'))} | {_pct(r.get('densest_tenth_cols'))} | "
+                     f"{_pct(r.get('weight_energy_kept'))} | {_pct(r.get('mask_churn_at_final'), 2)} | "
                      f"{r['tokens']:,} | {r['steps']} | {r['train_cpu_s']:.0f} | "
                      f"{r['row_cpu_s']:.0f} | {r['train_wall_s']:.0f} |")
     lines += ["", "Notes:", "",
