@@ -14,6 +14,8 @@ from ..core.errors import ModelpressError
 from .output import write_json
 
 console = Console(stderr=True)  # sys.stderr as it is at each write, not at import
+#: calibration windows x tokens when neither the flags nor the recipe say (GPTQ's usual 128 x 2048)
+DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQ_LEN = 128, 2048
 
 
 def _eval_kwargs(args: argparse.Namespace, prefix: str = "") -> dict[str, Any]:
@@ -51,7 +53,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     lm = api.load(args.model, trust_remote_code=args.trust_remote_code, low_memory=args.low_memory)
     load_s = time.perf_counter() - t0
-    calib = api.calibration_for(lm, calib_spec, args.calib_samples, args.calib_seq_len, args.calib_seed,
+    samples, seq_len = calibration_size(args, recipe)
+    calib = api.calibration_for(lm, calib_spec, samples, seq_len, args.calib_seed,
                                 args.calib_chat) if calib_spec else None
     train = api.training_for(lm, train_spec, args.train_samples, args.train_seq_len, args.calib_seed) \
         if train_spec else None
@@ -75,6 +78,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
             console.print(f"size on disk {e['baseline']['size_bytes'] / 2**20:.1f} MiB -> "
                           f"{e['compressed']['size_bytes'] / 2**20:.1f} MiB ({e['size_bytes_ratio']:.3f}x)")
     return 0
+
+
+def calibration_size(args: argparse.Namespace, recipe: Any) -> tuple[int, int]:
+    """(windows, tokens per window): the flags, else the recipe's ``calibration``, else 128 x 2048."""
+    size = recipe.calibration
+    return (args.calib_samples or size.samples or DEFAULT_CALIB_SAMPLES,
+            args.calib_seq_len or size.seq_len or DEFAULT_CALIB_SEQ_LEN)
 
 
 def _print_layers(layers: list[dict[str, Any]], limit: int = 400) -> None:

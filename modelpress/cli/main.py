@@ -71,8 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--calib", help="calibration text file, JSONL with a 'text' field, hf:DATASET[:CONFIG][:SPLIT] or "
                                    "bundled:NAME (default for calibrated recipes: bundled:c4, a C4 excerpt shipped with modelpress)")
-    c.add_argument("--calib-samples", type=A.positive_int, default=128, help="number of calibration windows (default 128)")
-    c.add_argument("--calib-seq-len", type=A.window_len, default=2048, help="tokens per calibration window (default 2048, capped at model max)")
+    c.add_argument("--calib-samples", type=A.positive_int, default=None,
+                   help="number of calibration windows (default: the recipe's calibration.samples, else 128)")
+    c.add_argument("--calib-seq-len", type=A.window_len, default=None,
+                   help="tokens per calibration window (default: the recipe's calibration.seq_len, else 2048; "
+                        "capped at model max)")
     c.add_argument("--calib-seed", type=A.nonneg_int, default=0)
     c.add_argument("--calib-chat", action="store_true", help="wrap calibration documents in the tokenizer's chat template")
     c.add_argument("--train", help="training text for stages that train (distill ...): a file, hf:DATASET or "

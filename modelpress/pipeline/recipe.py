@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BeforeValidator, SerializeAsAny, ValidationError, field_validator
+from pydantic import BeforeValidator, Field, SerializeAsAny, ValidationError, field_validator
 
 from ..core.config import Config, format_validation_error, tagged
 from ..core.errors import ModelpressError
@@ -27,12 +27,22 @@ from ..core.method import METHODS, MethodConfig
 StageField = Annotated[SerializeAsAny[MethodConfig], BeforeValidator(tagged(METHODS, "method", lambda e: e.config))]
 
 
+class CalibrationSize(Config):
+    """How much calibration text a recipe was measured with (its training stages' cost grows with it)."""
+
+    samples: int | None = Field(None, ge=1, description="calibration windows")
+    seq_len: int | None = Field(None, ge=1, description="tokens per window")
+
+
 class Recipe(Config):
     """An ordered list of compression stages (at least one: an empty recipe would save an
-    uncompressed copy as if compressed)."""
+    uncompressed copy as if compressed). ``calibration``: the window count and length the CLI uses
+    when no ``--calib-samples`` / ``--calib-seq-len`` is given, so a built-in that trains on its
+    calibration text (Block-AP) runs at the budget it was measured at, not 4x it."""
 
     name: str = "custom"
     description: str = ""
+    calibration: CalibrationSize = CalibrationSize()
     stages: list[StageField]
 
     @field_validator("stages")

@@ -107,3 +107,22 @@ def test_inspect_and_recipes(compressed, capsys, tmp_path):
     assert "rtn-w4-g128" in capsys.readouterr().out
     assert run("recipes", "rtn-w8") == 0
     assert "bits: 8" in capsys.readouterr().out
+
+
+def test_calibration_size_flags_then_the_recipes_then_128_x_2048():
+    """A built-in that trains on its calibration text runs at the size it was measured at unless the
+    flags say otherwise; a recipe that names no size keeps GPTQ's usual 128 x 2048."""
+    from modelpress.cli.commands import calibration_size
+    from modelpress.cli.main import build_parser
+    from modelpress.pipeline.recipe import load_recipe
+
+    def size(recipe: str, *flags: str) -> tuple[int, int]:
+        args = build_parser().parse_args(["compress", "--model", "m", "--recipe", recipe, "--output", "o", *flags])
+        return calibration_size(args, load_recipe(recipe))
+
+    for name in ("qat-w2-g64", "qat-w3-g64", "qat-w4-g64", "qat-w8a8"):
+        assert size(name) == (64, 512)
+    assert size("qat-w3-g64", "--calib-seq-len", "1024") == (64, 1024)
+    assert size("qat-w3-g64", "--calib-samples", "8", "--calib-seq-len", "128") == (8, 128)
+    assert size("gptq-w4-g128") == (128, 2048)
+    assert size("gptq-w4-g128", "--calib-samples", "16") == (16, 2048)
