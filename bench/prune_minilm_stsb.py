@@ -130,10 +130,8 @@ def encoder_sparsity(module: torch.nn.Module, reference: torch.nn.Module | None 
     the unpruned ``reference``, the share of its squared weight norm the pruned layers still carry)."""
     from modelpress.sparsity.layer import SparseLayer
 
-    energy, energy_ref = 0.0, 0.0
-
     zeros, total, per, dead, rows, unused, cols = 0, 0, [], 0, 0, 0, 0
-    top_rows, top_cols, kept = 0, 0, 0
+    top_rows, top_cols, kept, energy, energy_ref = 0, 0, 0, 0.0, 0.0
     for n, m in module.named_modules():
         if ENCODER in n and isinstance(m, (torch.nn.Linear, SparseLayer)):
             w = m.effective_weight() if isinstance(m, SparseLayer) else m.weight
