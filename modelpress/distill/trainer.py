@@ -181,12 +181,15 @@ def own_lr(param: nn.Parameter, lr: float) -> nn.Parameter:
 def param_groups(params: list[nn.Parameter], cfg: "TrainConfig") -> list[dict[str, Any]]:
     """AdamW's groups: matrices with weight decay, vectors without (these two always, so a checkpoint's
     optimizer state lines up), then one group per marked rate, without decay."""
-    decay = [p for p in params if getattr(p, OWN_LR, None) is None and p.dim() >= 2]
-    no_decay = [p for p in params if getattr(p, OWN_LR, None) is None and p.dim() < 2]
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     own: dict[float, list[nn.Parameter]] = {}
     for p in params:
-        if getattr(p, OWN_LR, None) is not None:
-            own.setdefault(getattr(p, OWN_LR), []).append(p)
+        lr = getattr(p, OWN_LR, None)
+        if lr is not None:
+            own.setdefault(lr, []).append(p)
+        else:
+            (decay if p.dim() >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
             *({"params": ps, "lr": lr, "weight_decay": 0.0} for lr, ps in own.items())]
 
