@@ -174,21 +174,24 @@ def layer_inputs(base: torch.nn.Module, tok, sentences: list[str]) -> dict[str, 
     return seen
 
 
-def output_removed(module: torch.nn.Module, base: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> float:
-    """Mean over the encoder's linear layers of ||(W0 * pruned) x|| / ||W0 x||: the share of each layer's
-    pretrained output (W0 the published weights, x their inputs on dev sentences) that the row's final mask
-    removes. A random mask of sparsity s removes about sqrt(s) of it (its terms cancel); a mask whose pruned
-    terms share a sign removes more (they add up)."""
+def output_kept(module: torch.nn.Module, base: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict:
+    """Means over the encoder's linear layers, W0 the published weights and x their inputs on dev sentences:
+    ``output_removed`` ||(W0 * pruned) x|| / ||W0 x||, the share of each layer's pretrained output the row's
+    final mask cuts (a random mask at sparsity s cuts about sqrt(s): its terms cancel; a mask whose pruned
+    terms share a sign cuts more: they add up), and ``output_cosine`` cos((W0 * kept) x, W0 x), how well
+    what the mask keeps points where the full layer's output does (a random 10% about sqrt(0.1) = 0.32)."""
     from modelpress.sparsity.layer import SparseLayer
 
-    out = []
+    removed, cosine = [], []
     for n, x in inputs.items():
         m = module.get_submodule(n)
         w = m.effective_weight() if isinstance(m, SparseLayer) else m.weight
         w0 = base.get_submodule(n).weight.detach().float()
         pruned = (w.detach() == 0) & (w0 != 0)
-        out.append(float((x @ (w0 * pruned).t()).norm() / (x @ w0.t()).norm()))
-    return sum(out) / len(out)
+        full, kept = x @ w0.t(), x @ (w0 * ~pruned).t()
+        removed.append(float((x @ (w0 * pruned).t()).norm() / full.norm()))
+        cosine.append(float(torch.nn.functional.cosine_similarity(kept.flatten(), full.flatten(), dim=0)))
+    return {"output_removed": sum(removed) / len(removed), "output_cosine": sum(cosine) / len(cosine)}
 
 
 def run(a: argparse.Namespace) -> None:
@@ -217,7 +220,7 @@ def run(a: argparse.Namespace) -> None:
 
     def add(name: str, module: torch.nn.Module, trained: dict | None, t0: float, c0: float, **extra) -> None:
         rows.append({"row": name, "spearman": score(module, tok, test), "dev_spearman": score(module, tok, dev),
-                     **encoder_sparsity(module, base.module), "output_removed": output_removed(module, base.module, probe),
+                     **encoder_sparsity(module, base.module), **output_kept(module, base.module, probe),
                      **(trained or {"steps": 0, "tokens": 0, "train_cpu_s": 0.0,
                                                               "train_wall_s": 0.0}),
                      "row_cpu_s": time.process_time() - c0, "row_wall_s": time.perf_counter() - t0, **extra,
@@ -276,14 +279,16 @@ def write(out: str, meta: dict, rows: list[dict]) -> None:
              f"{s['every']} step(s). {meta['threads']} thread(s), torch {meta['torch']}, {meta['cpus']} CPUs.", "",
              "| row | test Spearman | dev (train) Spearman | encoder sparsity | empty output rows | unread input columns | "
              "kept in densest 10% of rows | of columns | weight norm² kept | pretrained output removed | "
+             "cos(kept output, full output) | "
              "mask churn / step (final) | "
              "training tokens | steps | train CPU s | row CPU s (incl. eval) | train wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {NAMES.get(r['row'], r['row'])} | {r['spearman']:.2f} | {r['dev_spearman']:.2f} | "
                      f"{r['sparsity']:.4f} | {_pct(r.get('empty_rows'))} | {_pct(r.get('empty_cols'))} | "
                      f"{_pct(r.get('densest_tenth_rows'))} | {_pct(r.get('densest_tenth_cols'))} | "
                      f"{_pct(r.get('weight_energy_kept'))} | {_pct(r.get('output_removed'))} | "
+                     f"{r['output_cosine']:.3f} | "
                      f"{_pct(r.get('mask_churn_at_final'), 2)} | "
                      f"{r['tokens']:,} | {r['steps']} | {r['train_cpu_s']:.0f} | "
                      f"{r['row_cpu_s']:.0f} | {r['train_wall_s']:.0f} |")
@@ -304,7 +309,8 @@ def write(out: str, meta: dict, rows: list[dict]) -> None:
               "published weights, x their inputs on 64 dev sentences: the share of each layer's pretrained output "
               "that the final mask cuts. A random mask at sparsity s cuts about sqrt(s) (its terms cancel); a mask "
               "whose pruned terms W_ij x_j share the sign of the output gradient (what -W * dL/dW ranks low) cuts "
-              "more, because they add up.",
+              "more, because they add up. cos(kept output, full output): the cosine between (W0 * kept) x and "
+              "W0 x, mean over the layers; a random mask keeping 10% gives about sqrt(0.1) = 0.32.",
               "- The random row is a control in the bench's own loop (gradual's hook with a fixed random score).",
               f"- Dropout (0.1, as the model was trained) draws from torch's global generator, seeded with "
               f"{meta.get('seed')} before each row; runs with other draws vary (see "
