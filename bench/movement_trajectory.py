@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distill_minilm_stsb import STSB, read_stsb, score
+from distill_minilm_stsb import STSB, read_stsb, score  # noqa: E402
+from prune_minilm_stsb import budget, stage  # noqa: E402  (the main bench's budget and stage)
 
 
 def main() -> None:
@@ -49,7 +50,11 @@ def main() -> None:
     dev, test = read_stsb(STSB / "sts-dev.csv"), read_stsb(STSB / "sts-test.csv")
     lm = mp.load(path)
     data = sentence_pairs(lm, [x for _, x, _ in dev], [y for _, _, y in dev], [s / 5 for s, _, _ in dev])
-    steps = a.epochs * (len(data) // 16)
+    setup = argparse.Namespace(epochs=a.epochs, batch_pairs=16, lr=1e-4, warmup=0.1, clip=1.0, start=0.1, end=0.8,
+                               every=1, sparsity=a.sparsity, per_output=False, soft_score_lr=1e-2)
+    train = budget(setup, len(data)) | {"log_every": 5}
+    stage_cfg = stage(setup, "movement-learned", train)
+    steps = train["steps"]
     at = sorted({min(steps - 1, max(1, round(f * steps))) for f in a.at})
     inputs: dict[str, torch.Tensor] = {}
     points: list[dict] = []
@@ -81,15 +86,9 @@ def main() -> None:
         original_step(self, step, model, optimizer)
 
     mv.SoftThreshold.__init__, mv.SoftThreshold.on_step = init, on_step
-    train = {"steps": steps, "batch_size": 16, "lr": 1e-4, "warmup": 0.1, "schedule": "linear", "clip": 1.0,
-             "weight_decay": 0.0, "seed": 0, "checkpoint_every": steps + 1, "log_every": 5}
-    stage = {"method": "movement", "variant": "hard", "scores": "learned", "score_lr": 1e-2, "ignore": ["pooler.dense"],
-             "pattern": "unstructured", "sparsity": a.sparsity, "scope": "layer",
-             "schedule": {"initial": 0.0, "start": 0.1, "end": 0.8, "every": 1}, "losses": [{"type": "pair-cosine"}],
-             "train": train}
     torch.manual_seed(0)
     c0 = time.process_time()
-    report = mp.compress(lm, {"name": "movement-learned", "stages": [stage]}, train=data, progress=False)
+    report = mp.compress(lm, {"name": "movement-learned", "stages": [stage_cfg]}, train=data, progress=False)
     res = next(m for s in report["stages"] for m in s.get("metrics", []))
     out = {"sparsity": a.sparsity, "steps": steps, "tokens": res["tokens"], "losses": res["losses"], "points": points,
            "test_spearman": score(lm.module, lm.tokenizer.tok, test), "cpu_s": time.process_time() - c0,

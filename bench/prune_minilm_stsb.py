@@ -189,7 +189,7 @@ def output_kept(module: torch.nn.Module, base: torch.nn.Module, inputs: dict[str
         w0 = base.get_submodule(n).weight.detach().float()
         pruned = (w.detach() == 0) & (w0 != 0)
         full, kept = x @ w0.t(), x @ (w0 * ~pruned).t()
-        removed.append(float((x @ (w0 * pruned).t()).norm() / full.norm()))
+        removed.append(float((full - kept).norm() / full.norm()))
         cosine.append(float(torch.nn.functional.cosine_similarity(kept.flatten(), full.flatten(), dim=0)))
     return {"output_removed": sum(removed) / len(removed), "output_cosine": sum(cosine) / len(cosine)}
 

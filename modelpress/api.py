@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .calib.data import Calibration
+from .calib.data import DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQ_LEN, Calibration
 from .core.errors import ModelpressError
 from .core.progress import track
 from .data.sources import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, read_text
@@ -58,7 +58,8 @@ def as_recipe(recipe: str | Path | Recipe | MethodConfig | dict) -> Recipe:
 
 
 def calibration_for(lm: LoadedModel, calib: str | Path | torch.Tensor | Calibration | None = DEFAULT_CALIBRATION,
-                    n_samples: int = 128, seq_len: int = 2048, seed: int = 0, chat: bool = False) -> Calibration | None:
+                    n_samples: int = DEFAULT_CALIB_SAMPLES, seq_len: int = DEFAULT_CALIB_SEQ_LEN, seed: int = 0,
+                    chat: bool = False) -> Calibration | None:
     """Calibration token ids and their provenance from a file / dataset / bundled text spec.
 
     A ready (N, L) tensor is wrapped as it is. The default is the C4 excerpt shipped with

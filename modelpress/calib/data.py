@@ -53,7 +53,12 @@ def sample_windows(ids: torch.Tensor, n_samples: int, seq_len: int, seed: int = 
     return torch.stack([ids[s:s + seq_len] for s in starts])
 
 
-def calibration_tokens(tokenizer: Any, source: str | Path, n_samples: int = 128, seq_len: int = 2048,
+#: calibration windows x tokens when nothing else says (GPTQ's usual 128 x 2048)
+DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQ_LEN = 128, 2048
+
+
+def calibration_tokens(tokenizer: Any, source: str | Path, n_samples: int = DEFAULT_CALIB_SAMPLES,
+                       seq_len: int = DEFAULT_CALIB_SEQ_LEN,
                        seed: int = 0, text_field: str = "text", bos_token_id: int | None = None,
                        chat: bool = False, role: str = "calib") -> torch.Tensor:
     """(n_samples, seq_len) token ids for calibration (``role`` "calib") or training ("train").

@@ -14,8 +14,6 @@ from ..core.errors import ModelpressError
 from .output import write_json
 
 console = Console(stderr=True)  # sys.stderr as it is at each write, not at import
-#: calibration windows x tokens when neither the flags nor the recipe say (GPTQ's usual 128 x 2048)
-DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQ_LEN = 128, 2048
 
 
 def _eval_kwargs(args: argparse.Namespace, prefix: str = "") -> dict[str, Any]:
@@ -82,6 +80,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def calibration_size(args: argparse.Namespace, recipe: Any) -> tuple[int, int]:
     """(windows, tokens per window): the flags, else the recipe's ``calibration``, else 128 x 2048."""
+    from ..calib.data import DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQ_LEN  # torch: not at CLI import
+
     size = recipe.calibration
     return (args.calib_samples or size.samples or DEFAULT_CALIB_SAMPLES,
             args.calib_seq_len or size.seq_len or DEFAULT_CALIB_SEQ_LEN)
